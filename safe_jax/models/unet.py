@@ -1,0 +1,262 @@
+"""UNet2DConditionModel for Stable Diffusion 1.x and 2.x, parameter-compatible with diffusers.
+
+Takes NHWC latents. The config is diffusers' own ``unet/config.json``; anything in it that
+this module does not implement is rejected by name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from safe_jax.errors import SafeJaxError
+from safe_jax.models.attention_ops import AttentionImpl
+from safe_jax.models.blocks import (
+    Downsample2D, ResnetBlock2D, Transformer2DModel, Upsample2D, conv, group_norm,
+)
+
+Dtype = Any
+
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+# Settings diffusers supports that we do not: the value we require, so a config using them fails
+# loudly. (Their defaults are what every SD 1.x / 2.x checkpoint uses.)
+_REQUIRED = {
+    "center_input_sample": False, "class_embed_type": None, "addition_embed_type": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "time_cond_proj_dim": None,
+    "dual_cross_attention": False, "only_cross_attention": False, "resnet_time_scale_shift": "default",
+    "time_embedding_type": "positional", "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "attention_type": "default", "resnet_out_scale_factor": 1.0,
+    "mid_block_scale_factor": 1, "cross_attention_norm": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "num_class_embeds": None, "resnet_skip_time_act": False,
+    "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
+    "reverse_transformer_layers_per_block": None, "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None, "dropout": 0.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    sample_size: int = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    downsample_padding: int = 1
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 768
+    transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)
+    attention_head_dim: tuple[int, ...] = (8, 8, 8, 8)
+    num_attention_heads: tuple[int, ...] | None = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    time_embedding_dim: int | None = None
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        # diffusers' historical naming: without num_attention_heads, attention_head_dim is the head count.
+        return self.num_attention_heads or self.attention_head_dim
+
+    @classmethod
+    def from_diffusers(cls, cfg: Mapping[str, Any]) -> "UNetConfig":
+        for key, want in _REQUIRED.items():
+            got = cfg.get(key, want)
+            if isinstance(want, bool) and isinstance(got, (list, tuple)):
+                got = any(got)
+            if got != want:
+                raise SafeJaxError(f"unsupported UNet architecture: {key}={got!r} (safe-jax supports {want!r})")
+        n = len(cfg.get("block_out_channels", cls.block_out_channels))
+        per_block = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+        kw = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg}
+        for key in ("down_block_types", "up_block_types", "block_out_channels"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        for key in ("transformer_layers_per_block", "attention_head_dim"):
+            if key in kw:
+                kw[key] = per_block(kw[key])
+        if kw.get("num_attention_heads") is not None:
+            kw["num_attention_heads"] = per_block(kw["num_attention_heads"])
+        if isinstance(kw.get("layers_per_block"), (list, tuple)):
+            if len(set(kw["layers_per_block"])) != 1:
+                raise SafeJaxError(f"unsupported UNet architecture: per-block layers_per_block={kw['layers_per_block']}")
+            kw["layers_per_block"] = kw["layers_per_block"][0]
+        cad = kw.get("cross_attention_dim")
+        if isinstance(cad, (list, tuple)):
+            if len(set(cad)) != 1:
+                raise SafeJaxError(f"unsupported UNet architecture: per-block cross_attention_dim={cad}")
+            kw["cross_attention_dim"] = cad[0]
+        if isinstance(kw.get("sample_size"), (list, tuple)):
+            kw["sample_size"] = kw["sample_size"][0]
+        config = cls(**kw)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        n = len(self.block_out_channels)
+        for name, types, allowed in (("down_block_types", self.down_block_types, DOWN_BLOCKS),
+                                     ("up_block_types", self.up_block_types, UP_BLOCKS)):
+            bad = [t for t in types if t not in allowed]
+            if bad:
+                raise SafeJaxError(f"unsupported UNet architecture: {name} contains {bad[0]} (supported: {', '.join(allowed)})")
+            if len(types) != n:
+                raise SafeJaxError(f"UNet config: {name} has {len(types)} entries, block_out_channels has {n}")
+        for name in ("transformer_layers_per_block", "attention_head_dim"):
+            if len(getattr(self, name)) != n:
+                raise SafeJaxError(f"UNet config: {name} needs {n} entries")
+        for c, h in zip(self.block_out_channels, self.heads):
+            if c % h:
+                raise SafeJaxError(f"UNet config: {c} channels do not split into {h} attention heads")
+
+    def to_diffusers(self) -> dict[str, Any]:
+        out = {"_class_name": "UNet2DConditionModel"}
+        out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()})
+        out.update(_REQUIRED)
+        return out
+
+
+def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as diffusers' get_timestep_embedding."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    return emb
+
+
+def _remat(cls, policy: str | None):
+    """Wrap a block class in jax.checkpoint with a named policy ("full" saves nothing)."""
+    if policy is None or policy == "none":
+        return cls
+    name = "nothing_saveable" if policy == "full" else policy
+    if not hasattr(jax.checkpoint_policies, name):
+        raise SafeJaxError(f"unknown remat policy {policy!r}: use 'none', 'full' or a jax.checkpoint_policies name")
+    return nn.remat(cls, policy=getattr(jax.checkpoint_policies, name))
+
+
+class _Block(nn.Module):
+    """One down or up block: resnets, optional spatial transformers, optional resampler."""
+
+    config: UNetConfig
+    out_channels: int
+    num_layers: int
+    heads: int | None  # None: no cross-attention
+    depth: int
+    resample: str | None  # "down" | "up" | None
+    attention_impl: AttentionImpl = None
+    remat_policy: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context, skips=None):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet_cls = _remat(ResnetBlock2D, self.remat_policy)
+        attn_cls = _remat(Transformer2DModel, self.remat_policy)
+        outputs = []
+        for j in range(self.num_layers):
+            if skips is not None:
+                x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = resnet_cls(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, name=f"resnets_{j}", **kw)(x, temb)
+            if self.heads is not None:
+                x = attn_cls(self.heads, self.out_channels // self.heads, self.depth, cfg.norm_num_groups,
+                             cfg.use_linear_projection, cfg.upcast_attention, self.attention_impl,
+                             name=f"attentions_{j}", **kw)(x, context)
+            outputs.append(x)
+        if self.resample == "down":
+            x = Downsample2D(self.out_channels, cfg.downsample_padding, name="downsamplers_0", **kw)(x)
+            outputs.append(x)
+        elif self.resample == "up":
+            x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
+        return x, outputs
+
+
+class UNet2DConditionModel(nn.Module):
+    config: UNetConfig
+    attention_impl: AttentionImpl = None
+    remat_policy: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array) -> jax.Array:
+        """sample [B, H, W, C_in] NHWC, timesteps [B] or scalar, encoder_hidden_states [B, L, D]."""
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        blk = dict(attention_impl=self.attention_impl, remat_policy=self.remat_policy, **kw)
+        n = len(cfg.block_out_channels)
+        if sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
+            raise SafeJaxError(f"latent size {sample.shape[1]}x{sample.shape[2]} must be divisible by {2 ** (n - 1)}")
+        context = encoder_hidden_states.astype(self.dtype)
+
+        t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+        temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        time_dim = cfg.time_embedding_dim or cfg.block_out_channels[0] * 4
+        temb = temb.astype(self.dtype)
+        temb = _TimestepEmbedding(time_dim, name="time_embedding", **kw)(temb)
+
+        x = conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(sample.astype(self.dtype))
+        skips = [x]
+        for i, block_type in enumerate(cfg.down_block_types):
+            has_attn = block_type.startswith("CrossAttn")
+            x, outs = _Block(cfg, cfg.block_out_channels[i], cfg.layers_per_block,
+                             cfg.heads[i] if has_attn else None, cfg.transformer_layers_per_block[i],
+                             "down" if i < n - 1 else None, name=f"down_blocks_{i}", **blk)(x, temb, context)
+            skips += outs
+
+        x = _MidBlock(cfg, cfg.heads[-1], cfg.transformer_layers_per_block[-1], name="mid_block", **blk)(x, temb, context)
+
+        rev_channels = cfg.block_out_channels[::-1]
+        rev_heads, rev_depth = cfg.heads[::-1], cfg.transformer_layers_per_block[::-1]
+        for i, block_type in enumerate(cfg.up_block_types):
+            has_attn = block_type.startswith("CrossAttn")
+            x, _ = _Block(cfg, rev_channels[i], cfg.layers_per_block + 1, rev_heads[i] if has_attn else None,
+                          rev_depth[i], "up" if i < n - 1 else None, name=f"up_blocks_{i}", **blk)(
+                x, temb, context, skips)
+
+        x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
+        return conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
+
+
+class _TimestepEmbedding(nn.Module):
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return nn.Dense(self.features, name="linear_2", **kw)(nn.silu(nn.Dense(self.features, name="linear_1", **kw)(x)))
+
+
+class _MidBlock(nn.Module):
+    config: UNetConfig
+    heads: int
+    depth: int
+    attention_impl: AttentionImpl = None
+    remat_policy: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = x.shape[-1]
+        resnet_cls = _remat(ResnetBlock2D, self.remat_policy)
+        attn_cls = _remat(Transformer2DModel, self.remat_policy)
+        x = resnet_cls(c, cfg.norm_num_groups, cfg.norm_eps, name="resnets_0", **kw)(x, temb)
+        x = attn_cls(self.heads, c // self.heads, self.depth, cfg.norm_num_groups, cfg.use_linear_projection,
+                     cfg.upcast_attention, self.attention_impl, name="attentions_0", **kw)(x, context)
+        return resnet_cls(c, cfg.norm_num_groups, cfg.norm_eps, name="resnets_1", **kw)(x, temb)

@@ -82,9 +82,8 @@ class UNetConfig:
         for key in ("down_block_types", "up_block_types", "block_out_channels"):
             if key in kw:
                 kw[key] = tuple(kw[key])
-        for key in ("transformer_layers_per_block", "attention_head_dim"):
-            if key in kw:
-                kw[key] = per_block(kw[key])
+        kw["transformer_layers_per_block"] = per_block(cfg.get("transformer_layers_per_block", 1))
+        kw["attention_head_dim"] = per_block(cfg.get("attention_head_dim", 8))
         if kw.get("num_attention_heads") is not None:
             kw["num_attention_heads"] = per_block(kw["num_attention_heads"])
         if isinstance(kw.get("layers_per_block"), (list, tuple)):

@@ -49,6 +49,9 @@ class VAEConfig:
                 kw[key] = tuple(kw[key])
         if isinstance(kw.get("sample_size"), (list, tuple)):
             kw["sample_size"] = kw["sample_size"][0]
+        n = len(kw.get("block_out_channels", cls.block_out_channels))
+        kw.setdefault("down_block_types", ("DownEncoderBlock2D",) * n)
+        kw.setdefault("up_block_types", ("UpDecoderBlock2D",) * n)
         config = cls(**kw)
         n = len(config.block_out_channels)
         for name, types, allowed in (("down_block_types", config.down_block_types, "DownEncoderBlock2D"),

@@ -1,0 +1,1 @@
+"""Command-line entry points: ``safe-jax <command>`` or ``python -m launch.<command>``."""

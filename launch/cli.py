@@ -1,0 +1,30 @@
+"""``safe-jax``: one console script, one subcommand per module in ``launch``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": "Generate images from prompts with a local checkpoint or preset.",
+    "export": "Write a model as a diffusers folder (safetensors, fp32 or fp16).",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        print("usage: safe-jax <command> [options]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<{width}}  {text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nsafe-jax: error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(f"launch.{argv[0]}")
+    return module.main(argv[1:], prog=f"safe-jax {argv[0]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""safe-jax export: write a model as a diffusers folder that PyTorch users load directly."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from launch.errors import one_line_errors
+
+
+def main(argv: list[str] | None = None, prog: str = "safe-jax export") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p.add_argument("--model", required=True, help="a local diffusers folder, or a preset: tiny, sd15, sd21, sd21-base")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed, for presets")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+
+    @one_line_errors(prog)
+    def run() -> int:
+        import jax.numpy as jnp
+
+        from safe_jax.pipeline import StableDiffusion
+
+        pipe, params = StableDiffusion.from_pretrained(args.model, dtype=jnp.float32, seed=args.seed)
+        out = pipe.save_pretrained(params, args.out, dtype=args.dtype)
+        print(f"exported {args.model} to {out} ({args.dtype})", file=sys.stderr)
+        return 0
+
+    return run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

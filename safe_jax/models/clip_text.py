@@ -1,0 +1,289 @@
+"""CLIP's text transformer (Stable Diffusion's text encoder) in Flax.
+
+Module and parameter names follow ``transformers.CLIPTextModel`` so ``safe_jax.convert`` maps the
+weights mechanically: ``text_model.encoder.layers_0.self_attn.q_proj.kernel`` here is
+``text_model.encoder.layers.0.self_attn.q_proj.weight`` in the checkpoint. Two configurations
+matter: SD 1.x (OpenAI CLIP ViT-L/14 text tower, quick_gelu) and SD 2.x (OpenCLIP ViT-H/14 text
+tower converted to the transformers format, gelu, last of its 24 layers dropped).
+
+Checkpoint keys: hub checkpoints (and ``to_hf_state_dict``) carry the ``text_model.`` prefix.
+transformers 5 removed that level from the in-memory ``CLIPTextModel`` (its ``state_dict()`` and
+``save_pretrained`` use ``embeddings.…``, ``encoder.…``) and strips the prefix when loading, so
+both spellings load everywhere; ``from_hf_state_dict`` accepts both too. Old checkpoints also hold
+the ``text_model.embeddings.position_ids`` buffer (always ``arange(77)``); it is not a parameter
+and is dropped on import, as transformers does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from safe_jax.convert import flax_to_torch, torch_to_flax
+from safe_jax.errors import SafeJaxError
+from safe_jax.models.attention_ops import AttentionImpl, multi_head_attention
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # transformers' "gelu" is the exact erf form
+}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Written by to_hf() but not fields here: dropout/init settings that do not change inference.
+_HF_CONSTANTS = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "attention_dropout": 0.0,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "torch_dtype": "float32",
+}
+_PREFIX = "text_model."
+_POSITION_IDS = "text_model.embeddings.position_ids"
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """The fields of a transformers ``CLIPTextConfig`` that change the forward pass.
+
+    ``eos_token_id == 2`` is the legacy value in SD 1.x/2.x configs: it makes the pooler take the
+    position of the largest token id (EOS is the largest in CLIP's vocabulary), as transformers does.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 1
+    # The source config.json's other keys (as JSON), so to_hf() gives them back unchanged.
+    hf_extra: str = dataclasses.field(default="{}", repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.hidden_act not in _ACTIVATIONS:
+            raise SafeJaxError(
+                f"CLIP text encoder: hidden_act '{self.hidden_act}' is not supported "
+                f"(supported: {', '.join(_ACTIVATIONS)})"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise SafeJaxError(
+                f"CLIP text encoder: hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
+        """From a transformers config.json dict; keys we do not use are kept for ``to_hf``."""
+        missing = [key for key in _REQUIRED if key not in config]
+        if missing:
+            raise SafeJaxError(f"CLIP text encoder config lacks {', '.join(missing)}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"hf_extra"}
+        fields = {key: value for key, value in config.items() if key in names}
+        if not isinstance(fields.get("eos_token_id", 0), int):
+            raise SafeJaxError(f"CLIP text encoder: eos_token_id must be one id, got {fields['eos_token_id']}")
+        extra = {key: value for key, value in config.items() if key not in names}
+        return cls(**fields, hf_extra=json.dumps(extra, sort_keys=True))
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that ``transformers.CLIPTextModel.from_pretrained`` accepts."""
+        extra = json.loads(self.hf_extra)
+        out = {**_HF_CONSTANTS, **extra}
+        if "dtype" in extra:  # transformers 5 spelling of torch_dtype: keep just the one given
+            del out["torch_dtype"]
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hf_extra"})
+        return out
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# The text_encoder/config.json of runwayml/stable-diffusion-v1-5 (= openai/clip-vit-large-patch14's
+# text config) and of stabilityai/stable-diffusion-2-1, both with the legacy token ids 0/2/1.
+PRESETS: dict[str, CLIPTextConfig] = {
+    "sd15": CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ),
+    "sd21": CLIPTextConfig(
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, hidden_act="gelu", projection_dim=512,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ),
+    # Real vocabulary (so the real tokenizer works), toy width; modern token ids (EOS pooling).
+    "tiny": CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5,
+        num_attention_heads=4, hidden_act="quick_gelu", projection_dim=32,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ),
+}
+
+
+def preset(name: str) -> CLIPTextConfig:
+    """One of ``PRESETS`` by name."""
+    if name not in PRESETS:
+        raise SafeJaxError(f"unknown CLIP text preset '{name}' (known: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+class _Module(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def dense(self, features: int, name: str) -> nn.Dense:
+        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=nn.initializers.normal(0.02), name=name)
+
+    def layer_norm(self, name: str) -> nn.LayerNorm:
+        # use_fast_variance=False: E[(x-μ)²] like PyTorch, not E[x²]-μ², for exact parity.
+        return nn.LayerNorm(epsilon=self.config.layer_norm_eps, use_fast_variance=False,
+                            dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+
+class CLIPTextEmbeddings(_Module):
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        c = self.config
+        embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                         embedding_init=nn.initializers.normal(0.02), name=name)
+        positions = jnp.arange(input_ids.shape[-1])[None]
+        return embed(c.vocab_size, "token_embedding")(input_ids) + embed(
+            c.max_position_embeddings, "position_embedding")(positions)
+
+
+class CLIPAttention(_Module):
+    attention_impl: AttentionImpl = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = self.config.hidden_size
+        q, k, v = (self.dense(width, name)(x) for name in ("q_proj", "k_proj", "v_proj"))
+        out = multi_head_attention(q, k, v, self.config.num_attention_heads,
+                                   implementation=self.attention_impl, is_causal=True)
+        return self.dense(width, "out_proj")(out)
+
+
+class CLIPMLP(_Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.dense(self.config.intermediate_size, "fc1")(x)
+        return self.dense(self.config.hidden_size, "fc2")(_ACTIVATIONS[self.config.hidden_act](x))
+
+
+class CLIPEncoderLayer(_Module):
+    attention_impl: AttentionImpl = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x + CLIPAttention(**kw, attention_impl=self.attention_impl, name="self_attn")(
+            self.layer_norm("layer_norm1")(x))
+        return x + CLIPMLP(**kw, name="mlp")(self.layer_norm("layer_norm2")(x))
+
+
+class CLIPEncoder(_Module):
+    attention_impl: AttentionImpl = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """Every layer's output, preceded by the input (transformers' ``hidden_states``)."""
+        states = [x]
+        for i in range(self.config.num_hidden_layers):
+            layer = CLIPEncoderLayer(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                     attention_impl=self.attention_impl, name=f"layers_{i}")
+            states.append(layer(states[-1]))
+        return tuple(states)
+
+
+class CLIPTextTransformer(_Module):
+    attention_impl: AttentionImpl = None
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, clip_skip: int = 0) -> dict[str, Any]:
+        c = self.config
+        if input_ids.shape[-1] > c.max_position_embeddings:
+            raise SafeJaxError(f"CLIP text encoder: {input_ids.shape[-1]} tokens, at most "
+                               f"{c.max_position_embeddings} fit")
+        if not isinstance(clip_skip, int):  # it picks a layer, so it cannot be traced
+            raise SafeJaxError(f"clip_skip must be a Python int, got {type(clip_skip).__name__}")
+        if not 0 <= clip_skip < c.num_hidden_layers:
+            raise SafeJaxError(f"clip_skip must be in [0, {c.num_hidden_layers - 1}], got {clip_skip}")
+        kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype)
+        hidden_states = CLIPEncoder(**kw, attention_impl=self.attention_impl, name="encoder")(
+            CLIPTextEmbeddings(**kw, name="embeddings")(input_ids))
+        final_layer_norm = self.layer_norm("final_layer_norm")
+        last = final_layer_norm(hidden_states[-1])
+        encoded = last if clip_skip == 0 else final_layer_norm(hidden_states[-(clip_skip + 1)])
+        if c.eos_token_id == 2:  # legacy configs: EOS (49407) is the largest id in each row
+            eos_at = jnp.argmax(input_ids, axis=-1)
+        else:  # first EOS; padding may repeat it
+            eos_at = jnp.argmax((input_ids == c.eos_token_id).astype(jnp.int32), axis=-1)
+        pooled = last[jnp.arange(last.shape[0]), eos_at]
+        return {"last_hidden_state": last, "hidden_states": hidden_states,
+                "pooler_output": pooled, "encoded": encoded}
+
+
+class CLIPTextModel(nn.Module):
+    """``transformers.CLIPTextModel`` in Flax; parameters live under ``text_model`` as in checkpoints.
+
+    ``__call__(input_ids [B, T] int, clip_skip=0)`` returns a dict with
+    ``last_hidden_state`` (after the final LayerNorm), ``hidden_states`` (embeddings, then each
+    layer's output, un-normalised, like transformers' ``output_hidden_states=True``),
+    ``pooler_output`` (final state at the EOS token) and ``encoded``: what Stable Diffusion
+    conditions on. ``encoded`` follows diffusers' ``clip_skip``: 0 is ``last_hidden_state``; k > 0
+    is ``final_layer_norm(hidden_states[-(k + 1)])``, so 1 is the penultimate layer, normalised.
+    (SD 2.x's 23-layer encoder already is OpenCLIP-H's penultimate layer; it uses clip_skip 0.)
+    The attention is causal with no padding mask, as Stable Diffusion runs it.
+    """
+
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: AttentionImpl = None
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, clip_skip: int = 0) -> dict[str, Any]:
+        text_model = CLIPTextTransformer(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                         attention_impl=self.attention_impl, name="text_model")
+        return text_model(input_ids, clip_skip)
+
+
+def abstract_params(model: CLIPTextModel) -> dict[str, Any]:
+    """The parameter tree of ``model`` as ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
+    ids = jax.ShapeDtypeStruct((1, model.config.max_position_embeddings), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+
+
+def from_hf_state_dict(
+    state_dict: Mapping[str, np.ndarray], model: CLIPTextModel, *, dtype: Any = None
+) -> dict[str, Any]:
+    """Flax params (the ``"params"`` collection) from a transformers CLIPTextModel state dict.
+
+    Takes numpy arrays, keys with or without the ``text_model.`` prefix (hub checkpoints vs
+    transformers 5 in memory); the legacy ``position_ids`` buffer is ignored.
+    """
+    normalised = {}
+    for key, value in state_dict.items():
+        key = key if key.startswith(_PREFIX) else _PREFIX + key
+        if key != _POSITION_IDS:
+            normalised[key] = value
+    return torch_to_flax(normalised, abstract_params(model), what="text_encoder", dtype=dtype)
+
+
+def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The checkpoint state dict (``text_model.``-prefixed keys, as on the hub) of Flax ``params``."""
+    return flax_to_torch(params)

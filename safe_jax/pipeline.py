@@ -1,0 +1,303 @@
+"""``StableDiffusion``: load, generate and save, in the style of diffusers' pipelines.
+
+Modules and parameters are kept apart, as JAX wants: ``from_pretrained`` returns ``(pipe, params)``
+and every method takes ``params`` explicitly, so training can hand in its own (sharded, updated)
+trees. ``params`` is ``{"unet": ..., "vae": ..., "text_encoder": ...}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from safe_jax import diffusers_io as io
+from safe_jax import presets, schedulers, tokenizer as tok
+from safe_jax.convert import flax_to_torch, torch_to_flax
+from safe_jax.errors import SafeJaxError
+from safe_jax.models import clip_text
+from safe_jax.models.attention_ops import AttentionImpl
+from safe_jax.models.unet import UNet2DConditionModel, UNetConfig
+from safe_jax.models.vae import AutoencoderKL, VAEConfig
+
+Params = dict[str, Any]
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def default_compute_dtype() -> Any:
+    """bf16 activations on accelerators, fp32 on CPU (where bf16 is slow and parity tests run)."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StableDiffusion:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: clip_text.CLIPTextModel
+    tokenizer: Any
+    schedule: schedulers.ScheduleConfig
+    scheduler_config: dict  # as read from scheduler_config.json, written back unchanged on export
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_preset: str | Path,
+        *,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        attention_impl: AttentionImpl = None,
+        remat_policy: str | None = None,
+        variant: str | None = None,
+        seed: int = 0,
+    ) -> tuple["StableDiffusion", Params]:
+        """A local diffusers folder, or a preset name (random weights: ``tiny``, ``sd15``, ``sd21``, ``sd21-base``).
+
+        ``dtype`` is the compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); parameters are
+        held in ``param_dtype``. ``variant`` picks e.g. ``diffusion_pytorch_model.fp16.safetensors``.
+        """
+        dtype = dtype or default_compute_dtype()
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        path = Path(path_or_preset)
+        if path.is_dir():
+            return cls._from_folder(path, kw, attention_impl, remat_policy, variant)
+        if str(path_or_preset) not in presets.PRESETS and (path.suffix or "/" in str(path_or_preset)):
+            raise SafeJaxError(f"missing folder: {path} (nor is it a preset: {', '.join(presets.PRESETS)})")
+        spec = presets.preset(str(path_or_preset))
+        pipe = cls(
+            unet=UNet2DConditionModel(UNetConfig.from_diffusers(spec["unet"]), attention_impl, remat_policy, **kw),
+            vae=AutoencoderKL(VAEConfig.from_diffusers(spec["vae"]), attention_impl, **kw),
+            text_encoder=clip_text.CLIPTextModel(clip_text.preset(spec["text_encoder"]), attention_impl=attention_impl, **kw),
+            tokenizer=tok.tiny_tokenizer(),
+            schedule=schedulers.ScheduleConfig.from_diffusers(spec["scheduler"]),
+            scheduler_config=dict(spec["scheduler"]),
+        )
+        return pipe, pipe.init_params(seed)
+
+    @classmethod
+    def _from_folder(cls, root: Path, kw, attention_impl, remat_policy, variant) -> tuple["StableDiffusion", Params]:
+        index = io.read_json(root / "model_index.json")
+        for name in COMPONENTS:
+            if name not in index:
+                raise SafeJaxError(f"{root / 'model_index.json'} lists no '{name}': not a Stable Diffusion pipeline folder")
+        unet_cfg = UNetConfig.from_diffusers(io.read_json(root / "unet" / "config.json"))
+        vae_cfg = VAEConfig.from_diffusers(io.read_json(root / "vae" / "config.json"))
+        text_cfg = clip_text.CLIPTextConfig.from_hf(io.read_json(root / "text_encoder" / "config.json"))
+        scheduler_config = io.read_json(root / "scheduler" / "scheduler_config.json")
+        pipe = cls(
+            unet=UNet2DConditionModel(unet_cfg, attention_impl, remat_policy, **kw),
+            vae=AutoencoderKL(vae_cfg, attention_impl, **kw),
+            text_encoder=clip_text.CLIPTextModel(text_cfg, attention_impl=attention_impl, **kw),
+            tokenizer=tok.load_tokenizer(root / "tokenizer"),
+            schedule=schedulers.ScheduleConfig.from_diffusers(scheduler_config),
+            scheduler_config=scheduler_config,
+        )
+        if unet_cfg.cross_attention_dim != text_cfg.hidden_size:
+            raise SafeJaxError(f"unet cross_attention_dim {unet_cfg.cross_attention_dim} does not match "
+                               f"text_encoder hidden_size {text_cfg.hidden_size}")
+        abstract = pipe.abstract_params()
+        params = {
+            "unet": torch_to_flax(io.load_state_dict(root / "unet", variant), abstract["unet"], what="unet"),
+            "vae": torch_to_flax(io.load_state_dict(root / "vae", variant), abstract["vae"], what="vae"),
+            "text_encoder": clip_text.from_hf_state_dict(io.load_state_dict(root / "text_encoder", variant),
+                                                         pipe.text_encoder),
+        }
+        return pipe, params
+
+    # ------------------------------------------------------------------ parameters
+    def _example_inputs(self) -> dict[str, tuple]:
+        u, v, t = self.unet.config, self.vae.config, self.text_encoder.config
+        s = 2 ** (len(u.block_out_channels) - 1)
+        return {
+            "unet": (jnp.zeros((1, s, s, u.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, u.cross_attention_dim))),
+            "vae": (jnp.zeros((1, v.downscale, v.downscale, v.in_channels)),),
+            "text_encoder": (jnp.zeros((1, t.max_position_embeddings), jnp.int32),),
+        }
+
+    def _modules(self) -> dict[str, Any]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def abstract_params(self) -> Params:
+        """Shapes and dtypes of every parameter, with no memory spent (``jax.eval_shape``)."""
+        ex = self._example_inputs()
+        return {k: jax.eval_shape(m.init, jax.random.key(0), *ex[k])["params"] for k, m in self._modules().items()}
+
+    def init_params(self, seed: int = 0) -> Params:
+        """Random weights, drawn on the host from the abstract tree.
+
+        Not ``model.init``: that traces and compiles the forward pass of every model (tens of
+        seconds on a CPU even for ``tiny``). Kernels are LeCun-normal, embeddings N(0, 0.02²),
+        norms identity, biases zero: a sane untrained network, not a reproduction of Flax's init.
+        """
+        rng = np.random.default_rng(seed)
+
+        def draw(path, leaf):
+            name, shape = path[-1].key, leaf.shape
+            if name == "kernel":
+                x = rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:-1]))
+            elif name == "embedding":
+                x = 0.02 * rng.standard_normal(shape, np.float32)
+            elif name == "scale":
+                x = np.ones(shape, np.float32)
+            else:
+                x = np.zeros(shape, np.float32)
+            return jnp.asarray(x, leaf.dtype)
+
+        return jax.tree_util.tree_map_with_path(draw, self.abstract_params())
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, params: Params, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+        """Write a diffusers folder that ``diffusers.StableDiffusionPipeline.from_pretrained`` loads.
+
+        ``dtype`` is ``float32`` (bitwise what was loaded) or ``float16``; weights are safetensors.
+        """
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise SafeJaxError(f"export dtype must be float32, float16 or bfloat16, not {dtype!r}")
+        out = Path(out_dir)
+        for name in COMPONENTS:
+            (out / name).mkdir(parents=True, exist_ok=True)
+        io.write_json(out / "unet" / "config.json", self.unet.config.to_diffusers())
+        io.save_state_dict(flax_to_torch(params["unet"]), out / "unet" / "diffusion_pytorch_model.safetensors", dtype)
+        io.write_json(out / "vae" / "config.json", self.vae.config.to_diffusers())
+        io.save_state_dict(flax_to_torch(params["vae"]), out / "vae" / "diffusion_pytorch_model.safetensors", dtype)
+        io.write_json(out / "text_encoder" / "config.json", self.text_encoder.config.to_hf())
+        io.save_state_dict(clip_text.to_hf_state_dict(params["text_encoder"]), out / "text_encoder" / "model.safetensors", dtype)
+        tok.save_tokenizer(self.tokenizer, out / "tokenizer")
+        io.write_json(out / "scheduler" / "scheduler_config.json", self.scheduler_config)
+        io.write_json(out / "model_index.json", {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.30.0",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", self.scheduler_config.get("_class_name", "DDIMScheduler")],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+        })
+        return out
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        return tok.tokenize(self.tokenizer, list(prompts), self.text_encoder.config.max_position_embeddings)
+
+    def encode_prompt(self, params: Params, prompts: Sequence[str]) -> jax.Array:
+        """The text conditioning [B, 77, C] the UNet cross-attends to."""
+        return self._encode_ids(params["text_encoder"], jnp.asarray(self.tokenize(prompts)))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _encode_ids(self, text_params: Params, ids: jax.Array) -> jax.Array:
+        return self.text_encoder.apply({"params": text_params}, ids)["encoded"]
+
+    # ------------------------------------------------------------------ sampling
+    @property
+    def default_size(self) -> int:
+        return self.unet.config.sample_size * self.vae.config.downscale
+
+    def generate(
+        self,
+        params: Params,
+        prompts: Sequence[str] | str,
+        negative_prompts: Sequence[str] | str | None = None,
+        num_steps: int = 50,
+        guidance_scale: float = 7.5,
+        scheduler: str = "ddim",
+        seed: int = 0,
+        latents: np.ndarray | jax.Array | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        latents_layout: str = "auto",
+    ) -> np.ndarray:
+        """Images for ``prompts`` as uint8 [B, H, W, 3].
+
+        ``latents`` is the initial unit-variance noise, [B, 4, h, w] (NCHW, as diffusers takes it)
+        or [B, h, w, 4] (NHWC), h = H / 8 for SD; like diffusers, it is multiplied by the
+        sampler's ``init_noise_sigma``. ``latents_layout`` settles the rare shapes where both
+        readings fit. The batch is split over all local devices; the denoising loop is one
+        ``lax.fori_loop`` compiled once per (sampler, steps, shape).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise SafeJaxError("generate: no prompts")
+        if negative_prompts is None:
+            negative_prompts = [""] * len(prompts)
+        negative_prompts = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
+        if len(negative_prompts) != len(prompts):
+            raise SafeJaxError(f"generate: {len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+        if scheduler not in schedulers.SAMPLERS:
+            raise SafeJaxError(f"unknown scheduler {scheduler!r} (choose from {', '.join(schedulers.SAMPLERS)})")
+        if num_steps < 1:
+            raise SafeJaxError("num_steps must be at least 1")
+        height, width = height or self.default_size, width or self.default_size
+        f = self.vae.config.downscale
+        multiple = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height % multiple or width % multiple:
+            raise SafeJaxError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+        b, c = len(prompts), self.unet.config.in_channels
+        shape = (b, height // f, width // f, c)
+        noise = (self._to_nhwc(latents, shape, latents_layout) if latents is not None
+                 else np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32)))
+
+        mesh = Mesh(np.array(jax.local_devices()), ("data",))
+        pad = -b % mesh.size  # pad the batch to a multiple of the device count
+        padded = lambda x: np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
+        batch = NamedSharding(mesh, P("data"))
+        cond = jax.device_put(padded(self.tokenize(prompts)), batch)
+        uncond = jax.device_put(padded(self.tokenize(negative_prompts)), batch)
+        noise = jax.device_put(padded(noise), batch)
+        params = jax.device_put(params, NamedSharding(mesh, P()))
+        fn = self._sampling_fn(scheduler, num_steps, guidance_scale > 1.0, mesh)
+        images = fn(params, cond, uncond, noise, jnp.float32(guidance_scale), jax.random.key(seed + 1))
+        return np.asarray(images)[:b]
+
+    @staticmethod
+    def _to_nhwc(latents, shape: tuple[int, ...], layout: str) -> np.ndarray:
+        x = np.asarray(latents, np.float32)
+        b, h, w, c = shape
+        nchw, nhwc = x.shape == (b, c, h, w), x.shape == shape
+        if layout == "NCHW" or (layout == "auto" and nchw and not nhwc):
+            if not nchw:
+                raise SafeJaxError(f"latents shape {x.shape} is not NCHW {(b, c, h, w)}")
+            return x.transpose(0, 2, 3, 1)
+        if layout in ("NHWC", "auto") and nhwc:
+            return x
+        raise SafeJaxError(f"latents shape {x.shape} matches neither NCHW {(b, c, h, w)} nor NHWC {shape}"
+                           + (" (both fit: pass latents_layout)" if nchw and nhwc else ""))
+
+    @functools.lru_cache(maxsize=16)
+    def _sampling_fn(self, scheduler: str, num_steps: int, use_cfg: bool, mesh: Mesh):
+        sampler = schedulers.make_sampler(scheduler, self.schedule, num_steps)
+        vae_cfg = self.vae.config
+        replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+        def sample(params, cond_ids, uncond_ids, noise, guidance, key):
+            ids = jnp.concatenate([uncond_ids, cond_ids]) if use_cfg else cond_ids
+            context = self.text_encoder.apply({"params": params["text_encoder"]}, ids)["encoded"]
+            x = noise * sampler.init_noise_sigma
+
+            def body(i, carry):
+                x, state = carry
+                model_in = sampler.scale_model_input(x, i)
+                model_in = jnp.concatenate([model_in, model_in]) if use_cfg else model_in
+                t = jnp.broadcast_to(jnp.asarray(sampler.timesteps)[i], (model_in.shape[0],))
+                out = self.unet.apply({"params": params["unet"]}, model_in, t, context).astype(jnp.float32)
+                if use_cfg:
+                    out_uncond, out_cond = jnp.split(out, 2)
+                    out = out_uncond + guidance * (out_cond - out_uncond)
+                return sampler.step(state, out, i, x, jax.random.fold_in(key, i))
+
+            x, _ = jax.lax.fori_loop(0, num_steps, body, (x, sampler.init_state(x)))
+            z = x / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
+            image = self.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode).astype(jnp.float32)
+            return jnp.round(jnp.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+        return jax.jit(sample, in_shardings=(replicated, batch, batch, batch, replicated, replicated),
+                       out_shardings=batch)

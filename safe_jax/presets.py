@@ -1,0 +1,52 @@
+"""Architecture presets: the configs of well-known checkpoints, for random init or shape checks.
+
+``sd15``, ``sd21`` and ``sd21-base`` are the published diffusers configs of Stable Diffusion 1.5,
+2.1 (768, v-prediction) and 2.1-base (512, epsilon). ``tiny`` is ours: the same kind of network
+at toy width, so the whole pipeline runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from safe_jax.errors import SafeJaxError
+
+_SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+_SD_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+               norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+
+_SD15_UNET = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
+                  attention_head_dim=8, sample_size=64,
+                  down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                  up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+
+_SD21_UNET = dict(_SD15_UNET, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                  use_linear_projection=True)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "sd15": dict(unet=_SD15_UNET, vae=_SD_VAE, text_encoder="sd15",
+                 scheduler=dict(_SD_SCHEDULE, _class_name="PNDMScheduler", skip_prk_steps=True)),
+    "sd21": dict(unet=dict(_SD21_UNET, sample_size=96, upcast_attention=True), vae=dict(_SD_VAE, sample_size=768),
+                 text_encoder="sd21",
+                 scheduler=dict(_SD_SCHEDULE, _class_name="DDIMScheduler", prediction_type="v_prediction")),
+    "sd21-base": dict(unet=_SD21_UNET, vae=_SD_VAE, text_encoder="sd21",
+                      scheduler=dict(_SD_SCHEDULE, _class_name="PNDMScheduler", skip_prk_steps=True)),
+    "tiny": dict(
+        unet=dict(block_out_channels=[32, 64], layers_per_block=2, cross_attention_dim=32, attention_head_dim=[2, 4],
+                  norm_num_groups=8, sample_size=32,
+                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
+        vae=dict(block_out_channels=[16, 32], layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                 sample_size=64, scaling_factor=0.18215),
+        text_encoder="tiny",
+        scheduler=dict(_SD_SCHEDULE, _class_name="DDIMScheduler"),
+    ),
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise SafeJaxError(f"unknown preset {name!r} and no such folder (presets: {', '.join(PRESETS)})")
+    return PRESETS[name]

@@ -35,10 +35,7 @@ def _slug(text: str, n: int = 40) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "safe-jax generate") -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv, prog)
-    return _run(args, prog)
 
-
-def _run(args: argparse.Namespace, prog: str) -> int:
     @one_line_errors(prog)
     def run() -> int:
         import jax.numpy as jnp

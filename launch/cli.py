@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "generate": "Generate images from prompts with a local checkpoint or preset.",
     "export": "Write a model as a diffusers folder (safetensors, fp32 or fp16).",
+    "subjects": "Find the key visual subjects of news captions (LLM or offline) as JSONL.",
 }
 
 

@@ -26,7 +26,58 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="prompts per compiled call")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: bf16 on GPU/TPU)")
     p.add_argument("--out", type=Path, default=Path("out/generate"))
+    s = p.add_argument_group("subject conditioning (SAFE)")
+    s.add_argument("--subjects", action="append", default=None,
+                   help="'auto' (an LLM or offline extractor, safe_jax.subjects), 'none', or phrases separated by "
+                        "';'; give once for all prompts or once per prompt")
+    s.add_argument("--subject-weight", type=float, default=1.21, help="weight of the subject tokens (1.1² = Compel's ++)")
+    s.add_argument("--weighting", choices=("compel", "a1111"), default="compel",
+                   help="compel: z∅ + w(z − z∅); a1111: z·w with the mean restored")
+    s.add_argument("--subject-format", default="plain",
+                   help="plain, prefix ('A photo of s1, s2. <caption>'), or a template with {subjects} and {caption}")
+    s.add_argument("--prompt-syntax", choices=("none", "compel", "a1111"), default="none",
+                   help="read hand-written weights in the prompts, e.g. (Boris Johnson)++ or (Boris Johnson:1.21)")
     return p.parse_args(argv)
+
+
+def resolve_subjects(specs: list[str] | None, prompts: list[str]) -> list[list[str]] | None:
+    """``--subjects`` values → one phrase list per prompt, or None when no subject weighting is asked for."""
+    from safe_jax.errors import SafeJaxError
+
+    if not specs:
+        return None
+    if len(specs) not in (1, len(prompts)):
+        raise SafeJaxError(f"--subjects given {len(specs)} times for {len(prompts)} prompts: give it once or once per prompt")
+    specs = specs * len(prompts) if len(specs) == 1 else specs
+    keywords = [spec.strip().lower() for spec in specs]
+    if all(k == "none" for k in keywords):
+        return None
+    auto = [prompt for prompt, k in zip(prompts, keywords) if k == "auto"]
+    extracted = _extract(auto) if auto else []
+    if len(extracted) != len(auto):
+        raise SafeJaxError(f"subject extraction returned {len(extracted)} lists for {len(auto)} prompts")
+    extracted = iter(extracted)
+    subjects = []
+    for spec, k in zip(specs, keywords):
+        if k == "auto":
+            subjects.append(list(next(extracted)))
+        elif k == "none":
+            subjects.append([])
+        else:
+            subjects.append([phrase.strip() for phrase in spec.split(";") if phrase.strip()])
+    return subjects
+
+
+def _extract(captions: list[str]) -> list[list[str]]:
+    from safe_jax.errors import SafeJaxError
+
+    try:
+        from safe_jax.subjects import extract  # imported here: it is only needed for --subjects auto
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("safe_jax.subjects"):
+            raise
+        raise SafeJaxError("--subjects auto needs the safe_jax.subjects package, which is not installed") from None
+    return extract(captions)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -48,20 +99,28 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax generate") -> int:
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
         pipe, params = StableDiffusion.from_pretrained(args.model, dtype=dtype, seed=args.seed)
         print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        args.out.mkdir(parents=True, exist_ok=True)
         prompts = args.prompt
+        subjects = resolve_subjects(args.subjects, prompts)
+        syntax = None if args.prompt_syntax == "none" else args.prompt_syntax
+        weighting = dict(subject_weight=args.subject_weight, weighting=args.weighting,
+                         subject_format=args.subject_format, prompt_syntax=syntax)
+        pipe.token_weights(prompts, subjects, args.subject_weight, args.subject_format, syntax)  # bad input: fail now
+        args.out.mkdir(parents=True, exist_ok=True)
         with tqdm(total=len(prompts), desc="generating", unit="img") as bar:
             for start in range(0, len(prompts), args.batch_size):
                 chunk = prompts[start:start + args.batch_size]
+                chunk_subjects = None if subjects is None else subjects[start:start + args.batch_size]
                 seed = args.seed + start
                 images = pipe.generate(params, chunk, negative_prompts=args.negative_prompt, num_steps=args.steps,
                                        guidance_scale=args.guidance, scheduler=args.scheduler, seed=seed,
-                                       height=args.height, width=args.width)
+                                       height=args.height, width=args.width, subjects=chunk_subjects, **weighting)
                 for j, (prompt, image) in enumerate(zip(chunk, images)):
                     settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "model": str(args.model),
                                 "steps": args.steps, "guidance_scale": args.guidance, "scheduler": args.scheduler,
                                 "seed": seed, "batch_index": j, "height": int(image.shape[0]),
                                 "width": int(image.shape[1]), "dtype": args.dtype or "default"}
+                    if chunk_subjects is not None or syntax is not None:
+                        settings.update(weighting, subjects=None if chunk_subjects is None else chunk_subjects[j])
                     info = PngImagePlugin.PngInfo()
                     info.add_text("parameters", json.dumps(settings))
                     info.add_text("Software", "safe-jax")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from safe_jax import conditioning as cond
 from safe_jax import diffusers_io as io
 from safe_jax import presets, schedulers, tokenizer as tok
 from safe_jax.convert import flax_to_torch, torch_to_flax
@@ -189,13 +190,57 @@ class StableDiffusion:
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         return tok.tokenize(self.tokenizer, list(prompts), self.text_encoder.config.max_position_embeddings)
 
-    def encode_prompt(self, params: Params, prompts: Sequence[str]) -> jax.Array:
-        """The text conditioning [B, 77, C] the UNet cross-attends to."""
-        return self._encode_ids(params["text_encoder"], jnp.asarray(self.tokenize(prompts)))
+    def token_weights(
+        self,
+        prompts: Sequence[str],
+        subjects: Sequence[Sequence[str]] | None = None,
+        subject_weight: float = cond.DEFAULT_WEIGHT,
+        subject_format: str = "plain",
+        prompt_syntax: str | None = None,
+    ) -> cond.TokenWeights:
+        """Token ids and per-token weights [B, 77] for prompts, their subjects or their weight syntax."""
+        return cond.prompt_token_weights(self.tokenizer, prompts, subjects, subject_weight, subject_format,
+                                         prompt_syntax, self.text_encoder.config.max_position_embeddings)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def _encode_ids(self, text_params: Params, ids: jax.Array) -> jax.Array:
-        return self.text_encoder.apply({"params": text_params}, ids)["encoded"]
+    def encode_prompt(
+        self,
+        params: Params,
+        prompts: Sequence[str],
+        subjects: Sequence[Sequence[str]] | None = None,
+        subject_weight: float = cond.DEFAULT_WEIGHT,
+        weighting: str = "compel",
+        subject_format: str = "plain",
+        prompt_syntax: str | None = None,
+    ) -> jax.Array:
+        """The text conditioning [B, 77, C] the UNet cross-attends to.
+
+        ``subjects`` (a list of phrases per prompt) are up-weighted by ``subject_weight`` with
+        ``weighting`` "compel" or "a1111" (SAFE part 1); ``subject_format`` "prefix" writes them
+        before the caption too. ``prompt_syntax`` ("compel" / "a1111") reads hand-written weights
+        instead. With neither, this is the plain CLIP encoding.
+        """
+        _check_weighting(weighting)
+        tw = self.token_weights(prompts, subjects, subject_weight, subject_format, prompt_syntax)
+        k = cond.count_downweighted(tw.weights) if weighting == "compel" else 0
+        return self._encode_weighted(params["text_encoder"], jnp.asarray(tw.ids), jnp.asarray(tw.weights), weighting, k)
+
+    @functools.partial(jax.jit, static_argnums=(0, 4, 5))
+    def _encode_weighted(self, text_params: Params, ids: jax.Array, weights: jax.Array, weighting: str,
+                         num_downweighted: int) -> jax.Array:
+        return self.conditioning(text_params, ids, weights, weighting, num_downweighted)
+
+    def conditioning(self, text_params: Params, ids: jax.Array, weights: jax.Array, weighting: str = "compel",
+                     num_downweighted: int = 0) -> jax.Array:
+        """Weighted text conditioning [B, 77, C] from ids and weights [B, 77]; traceable (training steps).
+
+        Encodes ``ids`` and the empty prompt (z∅), then applies ``conditioning.encode_weighted``.
+        ``num_downweighted`` is static (``conditioning.count_downweighted`` of the weights).
+        """
+        def encode(ids, attention_mask=None):
+            return self.text_encoder.apply({"params": text_params}, ids, attention_mask=attention_mask)["encoded"]
+
+        z_empty = encode(jnp.asarray(self.tokenize([""])))
+        return cond.encode_weighted(encode, ids, weights, z_empty, weighting, num_downweighted)
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -215,8 +260,18 @@ class StableDiffusion:
         height: int | None = None,
         width: int | None = None,
         latents_layout: str = "auto",
+        subjects: Sequence[Sequence[str]] | None = None,
+        subject_weight: float = cond.DEFAULT_WEIGHT,
+        weighting: str = "compel",
+        subject_format: str = "plain",
+        prompt_syntax: str | None = None,
     ) -> np.ndarray:
         """Images for ``prompts`` as uint8 [B, H, W, 3].
+
+        ``subjects``, ``subject_weight``, ``weighting``, ``subject_format`` and ``prompt_syntax``
+        weight the prompts' tokens as in ``encode_prompt``; negative prompts stay unweighted.
+        Weights are arrays, so prompts and weights change without recompiling (Compel's w < 1
+        blend compiles once per count of down-weighted fragments).
 
         ``latents`` is the initial unit-variance noise, [B, 4, h, w] (NCHW, as diffusers takes it)
         or [B, h, w, 4] (NHWC), h = H / 8 for SD; like diffusers, it is multiplied by the
@@ -236,6 +291,9 @@ class StableDiffusion:
             raise SafeJaxError(f"unknown scheduler {scheduler!r} (choose from {', '.join(schedulers.SAMPLERS)})")
         if num_steps < 1:
             raise SafeJaxError("num_steps must be at least 1")
+        _check_weighting(weighting)
+        tw = self.token_weights(prompts, subjects, subject_weight, subject_format, prompt_syntax)
+        num_downweighted = cond.count_downweighted(tw.weights) if weighting == "compel" else 0
         height, width = height or self.default_size, width or self.default_size
         f = self.vae.config.downscale
         multiple = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -250,12 +308,13 @@ class StableDiffusion:
         pad = -b % mesh.size  # pad the batch to a multiple of the device count
         padded = lambda x: np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
         batch = NamedSharding(mesh, P("data"))
-        cond = jax.device_put(padded(self.tokenize(prompts)), batch)
+        cond_ids, cond_weights = (jax.device_put(padded(x), batch) for x in tw)
         uncond = jax.device_put(padded(self.tokenize(negative_prompts)), batch)
         noise = jax.device_put(padded(noise), batch)
         params = jax.device_put(params, NamedSharding(mesh, P()))
-        fn = self._sampling_fn(scheduler, num_steps, guidance_scale > 1.0, mesh)
-        images = fn(params, cond, uncond, noise, jnp.float32(guidance_scale), jax.random.key(seed + 1))
+        fn = self._sampling_fn(scheduler, num_steps, guidance_scale > 1.0, mesh, weighting, num_downweighted)
+        images = fn(params, cond_ids, cond_weights, uncond, noise, jnp.float32(guidance_scale),
+                    jax.random.key(seed + 1))
         return np.asarray(images)[:b]
 
     @staticmethod
@@ -273,14 +332,18 @@ class StableDiffusion:
                            + (" (both fit: pass latents_layout)" if nchw and nhwc else ""))
 
     @functools.lru_cache(maxsize=16)
-    def _sampling_fn(self, scheduler: str, num_steps: int, use_cfg: bool, mesh: Mesh):
+    def _sampling_fn(self, scheduler: str, num_steps: int, use_cfg: bool, mesh: Mesh, weighting: str = "compel",
+                     num_downweighted: int = 0):
         sampler = schedulers.make_sampler(scheduler, self.schedule, num_steps)
         vae_cfg = self.vae.config
         replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
-        def sample(params, cond_ids, uncond_ids, noise, guidance, key):
-            ids = jnp.concatenate([uncond_ids, cond_ids]) if use_cfg else cond_ids
-            context = self.text_encoder.apply({"params": params["text_encoder"]}, ids)["encoded"]
+        def sample(params, cond_ids, cond_weights, uncond_ids, noise, guidance, key):
+            text_params = params["text_encoder"]
+            context = self.conditioning(text_params, cond_ids, cond_weights, weighting, num_downweighted)
+            if use_cfg:  # the unconditional / negative embedding is never weighted
+                uncond = self.text_encoder.apply({"params": text_params}, uncond_ids)["encoded"]
+                context = jnp.concatenate([uncond, context])
             x = noise * sampler.init_noise_sigma
 
             def body(i, carry):
@@ -299,5 +362,10 @@ class StableDiffusion:
             image = self.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode).astype(jnp.float32)
             return jnp.round(jnp.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
-        return jax.jit(sample, in_shardings=(replicated, batch, batch, batch, replicated, replicated),
+        return jax.jit(sample, in_shardings=(replicated, batch, batch, batch, batch, replicated, replicated),
                        out_shardings=batch)
+
+
+def _check_weighting(weighting: str) -> None:
+    if weighting not in cond.METHODS:
+        raise SafeJaxError(f"unknown weighting {weighting!r} (choose from {', '.join(cond.METHODS)})")

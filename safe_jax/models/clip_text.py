@@ -169,11 +169,12 @@ class CLIPAttention(_Module):
     attention_impl: AttentionImpl = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         width = self.config.hidden_size
         q, k, v = (self.dense(width, name)(x) for name in ("q_proj", "k_proj", "v_proj"))
+        mask = None if key_mask is None else key_mask[:, None, None, :]
         out = multi_head_attention(q, k, v, self.config.num_attention_heads,
-                                   implementation=self.attention_impl, is_causal=True)
+                                   implementation=self.attention_impl, is_causal=True, mask=mask)
         return self.dense(width, "out_proj")(out)
 
 
@@ -188,10 +189,10 @@ class CLIPEncoderLayer(_Module):
     attention_impl: AttentionImpl = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
         x = x + CLIPAttention(**kw, attention_impl=self.attention_impl, name="self_attn")(
-            self.layer_norm("layer_norm1")(x))
+            self.layer_norm("layer_norm1")(x), key_mask)
         return x + CLIPMLP(**kw, name="mlp")(self.layer_norm("layer_norm2")(x))
 
 
@@ -199,13 +200,13 @@ class CLIPEncoder(_Module):
     attention_impl: AttentionImpl = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
         """Every layer's output, preceded by the input (transformers' ``hidden_states``)."""
         states = [x]
         for i in range(self.config.num_hidden_layers):
             layer = CLIPEncoderLayer(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype,
                                      attention_impl=self.attention_impl, name=f"layers_{i}")
-            states.append(layer(states[-1]))
+            states.append(layer(states[-1], key_mask))
         return tuple(states)
 
 
@@ -213,7 +214,8 @@ class CLIPTextTransformer(_Module):
     attention_impl: AttentionImpl = None
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, clip_skip: int = 0) -> dict[str, Any]:
+    def __call__(self, input_ids: jax.Array, clip_skip: int = 0, attention_mask: jax.Array | None = None
+                 ) -> dict[str, Any]:
         c = self.config
         if input_ids.shape[-1] > c.max_position_embeddings:
             raise SafeJaxError(f"CLIP text encoder: {input_ids.shape[-1]} tokens, at most "
@@ -223,8 +225,9 @@ class CLIPTextTransformer(_Module):
         if not 0 <= clip_skip < c.num_hidden_layers:
             raise SafeJaxError(f"clip_skip must be in [0, {c.num_hidden_layers - 1}], got {clip_skip}")
         kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype)
+        key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         hidden_states = CLIPEncoder(**kw, attention_impl=self.attention_impl, name="encoder")(
-            CLIPTextEmbeddings(**kw, name="embeddings")(input_ids))
+            CLIPTextEmbeddings(**kw, name="embeddings")(input_ids), key_mask)
         final_layer_norm = self.layer_norm("final_layer_norm")
         last = final_layer_norm(hidden_states[-1])
         encoded = last if clip_skip == 0 else final_layer_norm(hidden_states[-(clip_skip + 1)])
@@ -247,7 +250,9 @@ class CLIPTextModel(nn.Module):
     conditions on. ``encoded`` follows diffusers' ``clip_skip``: 0 is ``last_hidden_state``; k > 0
     is ``final_layer_norm(hidden_states[-(k + 1)])``, so 1 is the penultimate layer, normalised.
     (SD 2.x's 23-layer encoder already is OpenCLIP-H's penultimate layer; it uses clip_skip 0.)
-    The attention is causal with no padding mask, as Stable Diffusion runs it.
+    The attention is causal with no padding mask, as Stable Diffusion runs it; ``attention_mask``
+    ([B, T], 1 = attend, 0 = hidden from every query) is transformers' optional key mask, which
+    Compel's down-weighting uses to encode a prompt without one fragment.
     """
 
     config: CLIPTextConfig
@@ -256,10 +261,11 @@ class CLIPTextModel(nn.Module):
     attention_impl: AttentionImpl = None
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, clip_skip: int = 0) -> dict[str, Any]:
+    def __call__(self, input_ids: jax.Array, clip_skip: int = 0, attention_mask: jax.Array | None = None
+                 ) -> dict[str, Any]:
         text_model = CLIPTextTransformer(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype,
                                          attention_impl=self.attention_impl, name="text_model")
-        return text_model(input_ids, clip_skip)
+        return text_model(input_ids, clip_skip, attention_mask)
 
 
 def abstract_params(model: CLIPTextModel) -> dict[str, Any]:

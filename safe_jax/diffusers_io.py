@@ -97,8 +97,9 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: Path, dtype: str = "f
     if np_dtype == "bfloat16":
         import ml_dtypes
         np_dtype = ml_dtypes.bfloat16
-    tensors = {k: np.ascontiguousarray(v.astype(np_dtype) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v)
-               for k, v in state.items()}
+    cast = lambda v: v.astype(np_dtype) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v
+    # reshape: ascontiguousarray makes 0-d tensors (e.g. CLIP's logit_scale) 1-d.
+    tensors = {k: np.ascontiguousarray(cast(v)).reshape(v.shape) for k, v in state.items()}
     tmp = Path(str(path) + ".tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)

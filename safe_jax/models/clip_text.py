@@ -167,6 +167,7 @@ class CLIPTextEmbeddings(_Module):
 
 class CLIPAttention(_Module):
     attention_impl: AttentionImpl = None
+    causal: bool = True  # the text tower's mask; CLIP's vision tower (clip_vision.py) attends to all
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
@@ -174,7 +175,7 @@ class CLIPAttention(_Module):
         q, k, v = (self.dense(width, name)(x) for name in ("q_proj", "k_proj", "v_proj"))
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = multi_head_attention(q, k, v, self.config.num_attention_heads,
-                                   implementation=self.attention_impl, is_causal=True, mask=mask)
+                                   implementation=self.attention_impl, is_causal=self.causal, mask=mask)
         return self.dense(width, "out_proj")(out)
 
 
@@ -187,11 +188,12 @@ class CLIPMLP(_Module):
 
 class CLIPEncoderLayer(_Module):
     attention_impl: AttentionImpl = None
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-        x = x + CLIPAttention(**kw, attention_impl=self.attention_impl, name="self_attn")(
+        x = x + CLIPAttention(**kw, attention_impl=self.attention_impl, causal=self.causal, name="self_attn")(
             self.layer_norm("layer_norm1")(x), key_mask)
         return x + CLIPMLP(**kw, name="mlp")(self.layer_norm("layer_norm2")(x))
 

@@ -1,0 +1,160 @@
+"""One SAFE training step: subject-weighted conditioning → UNet → denoising/ReFL loss → AdamW update.
+
+The step is a pure function of (state, frozen, batch), built once by ``make_train_step`` and
+compiled ahead of time by ``compile_train_step`` with explicit in/out shardings and a donated
+state (what pjit was). ``state.params`` is what is trained: the UNet's parameters, or a LoRA tree
+(``safe_jax.lora``) merged into the frozen UNet inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from safe_jax import lora, losses, sharding
+from safe_jax.errors import SafeJaxError
+from safe_jax.models.vae import AutoencoderKL, sample_posterior
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # trainable: UNet params (full) or LoRA params
+    opt_state: Any
+    ema: Any  # EMA of params (same tree), or None
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Everything static about the step (a change means a new compile)."""
+
+    mode: str = "lora"  # "full" | "lora"
+    lora_scale: float = 1.0
+    loss: str = "both"  # "denoising" | "refl" | "both"
+    mix: str = "alternate"  # with "both": "alternate" (ReFL on odd steps) | "weighted"
+    refl_weight: float = 1.0  # with mix="weighted": loss = denoising + refl_weight · refl
+    weighting: str = "compel"
+    num_downweighted: int = 0
+    cond_dropout: float = 0.1
+    min_snr_gamma: float | None = None
+    refl_steps: int = 40
+    refl_step_range: tuple[int, int] = (30, 39)
+    refl_lambda: float = 2.0
+    refl_grad_scale: float = 1e-3
+    ema_decay: float | None = 0.999
+    nan_policy: str = "skip"  # "skip" the update | "halt" (the host loop raises)
+
+    def __post_init__(self):
+        checks = {"mode": ("full", "lora"), "loss": ("denoising", "refl", "both"),
+                  "mix": ("alternate", "weighted"), "nan_policy": ("skip", "halt")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise SafeJaxError(f"train: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+def make_optimizer(lr: float = 1e-4, warmup_steps: int = 0, total_steps: int = 1000, schedule: str = "cosine",
+                   weight_decay: float = 1e-2, clip_norm: float | None = 1.0, accumulate: int = 1
+                   ) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay or constant, global-norm clipping, accumulation."""
+    if schedule == "cosine":
+        lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 0), max(total_steps, warmup_steps + 1))
+    elif schedule == "constant":
+        lr_fn = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
+                                     [warmup_steps]) if warmup_steps else optax.constant_schedule(lr)
+    else:
+        raise SafeJaxError(f"train: schedule must be cosine or constant, got {schedule!r}")
+    chain = ([optax.clip_by_global_norm(clip_norm)] if clip_norm else []) + [
+        optax.adamw(lr_fn, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)]
+    tx = optax.chain(*chain)
+    return optax.MultiSteps(tx, accumulate) if accumulate > 1 else tx
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int = 0, ema: bool = True) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema=jax.tree.map(jnp.copy, params) if ema else None, rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def make_train_step(pipe, cfg: StepConfig, tx: optax.GradientTransformation, reward=None):
+    """``step(state, frozen, batch) -> (state, metrics)``.
+
+    ``frozen``: {"text_encoder", "vae", "unet" (the base, for LoRA), "reward"} parameter trees.
+    ``batch``: "input_ids" and "token_weights" [B, 77] (subject weights), and either "latents"
+    [B, h, w, 4] (precomputed, already scaled) or "images" [B, H, W, 3] in [-1, 1]; ReFL rewards
+    may read more keys (e.g. "gt_images" for DFE).
+    """
+    schedule = pipe.schedule
+    scaling = pipe.vae.config.scaling_factor
+    if cfg.loss != "denoising" and reward is None:
+        raise SafeJaxError("train: a ReFL loss needs a reward")
+
+    def unet(params, x, t, context):
+        return pipe.unet.apply({"params": params}, x, t, context)
+
+    def step(state: TrainState, frozen: dict, batch: dict):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        k_lat, k_drop, k_den, k_refl = jax.random.split(key, 4)
+        decode = lambda z: pipe.vae.apply({"params": frozen["vae"]}, z, method=AutoencoderKL.decode)
+        context = pipe.conditioning(frozen["text_encoder"], batch["input_ids"], batch["token_weights"],
+                                    cfg.weighting, cfg.num_downweighted)
+        context = jax.lax.stop_gradient(context)
+        if "latents" in batch:
+            latents = batch["latents"]
+        else:
+            mean, logvar = pipe.vae.apply({"params": frozen["vae"]}, batch["images"], method=AutoencoderKL.encode)
+            latents = jax.lax.stop_gradient(sample_posterior(mean, logvar, k_lat) * scaling)
+        empty = pipe.text_encoder.apply({"params": frozen["text_encoder"]}, jnp.asarray(pipe.tokenize([""])))["encoded"]
+
+        def loss_fn(trainable):
+            unet_params = lora.merge(frozen["unet"], trainable, cfg.lora_scale) if cfg.mode == "lora" else trainable
+            metrics = {}
+            den = refl = jnp.zeros((), jnp.float32)
+            if cfg.loss in ("denoising", "both"):
+                ctx = losses.drop_conditioning(context, empty, cfg.cond_dropout, k_drop)
+                den, m = losses.denoising_loss(unet, unet_params, latents, ctx, k_den, schedule, cfg.min_snr_gamma)
+                metrics.update(m)
+            if cfg.loss in ("refl", "both"):
+                refl, m = losses.refl_loss(
+                    unet, unet_params, decode, lambda images, b: reward(frozen["reward"], images, b), context,
+                    batch, k_refl, schedule, latents.shape, scaling, cfg.refl_steps, cfg.refl_step_range,
+                    cfg.refl_lambda, cfg.refl_grad_scale)
+                metrics.update(m)
+            if cfg.loss == "both" and cfg.mix == "alternate":
+                total = jnp.where(state.step % 2 == 1, refl, den)
+            else:
+                total = den + cfg.refl_weight * refl
+            return total, metrics
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        ema = state.ema
+        if ema is not None and cfg.ema_decay is not None:
+            ema = keep(jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params), ema)
+        metrics.update(loss=loss, grad_norm=grad_norm, finite=finite)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=state.rng), metrics
+
+    return step
+
+
+def compile_train_step(step_fn, state: TrainState, frozen: dict, batch: dict, mesh) -> Any:
+    """Lower and compile once, with FSDP shardings for state and frozen trees and the batch split
+    over (data, fsdp); the state is donated. Calling the result with other shapes is an error, so a
+    run can never silently recompile."""
+    state_sh = sharding.shardings_for(state, mesh)
+    frozen_sh = sharding.shardings_for(frozen, mesh)
+    batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
+                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    return jitted.lower(abstract(state, state_sh), abstract(frozen, frozen_sh), abstract(batch, batch_sh)).compile()

@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[torch,test]"
+	$(PY) -m pip install -q -e ".[torch,test,data,tf]"
 	$(PY) -m pip install -q --no-deps "$(VOCAB_SPEC)"
 	touch $@
 
@@ -33,6 +33,8 @@ test: install
 
 bench: install
 	$(PY) benchmarks/unet_train_step.py
+	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/subjects_throughput.py
 
 clean:
 	rm -rf $(VENV) out

@@ -92,6 +92,11 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay on both sides")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", type=float, default=0.10,
+                   help="a step counts as quiet when other processes used less than this fraction of the CPUs")
+    p.add_argument("--min-quiet", type=int, default=0,
+                   help="after --repeats rounds, keep going until every case has this many quiet steps ...")
+    p.add_argument("--max-rounds", type=int, default=12, help="... or this many rounds in all")
     p.add_argument("--no-check", action="store_true", help="skip the forward-output comparison of the two sides")
     args = p.parse_args(argv)
     if args.batch is None:
@@ -201,109 +206,121 @@ def main(argv=None) -> int:
 
     def run_jax():
         nonlocal params, opt_state
-        t0 = time.perf_counter()
         params, opt_state, loss = jstep(params, opt_state, *batch)
         jax.block_until_ready((params, opt_state, loss))
-        return time.perf_counter() - t0, float(loss)
+        return float(loss)
 
     # ---- PyTorch step.
     topt = torch.optim.AdamW(tmodel.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                              **({"foreach": True} if args.torch_foreach else {}))
 
     def run_torch():
-        t0 = time.perf_counter()
         topt.zero_grad(set_to_none=True)
         out = tmodel(t_sample, t_t, t_context).sample
         loss = torch.nn.functional.mse_loss(out, t_target)
         loss.backward()
         topt.step()
-        return time.perf_counter() - t0, float(loss.detach())
+        return float(loss.detach())
 
-    sides = {"ours (JAX)": run_jax, "PyTorch": run_torch}
+    sides = {"ours": run_jax, "PyTorch": run_torch}
     if args.only == "jax":
         sides.pop("PyTorch")
     elif args.only == "torch":
-        sides.pop("ours (JAX)")
+        sides.pop("ours")
 
-    # Warm-up: the first JAX call compiles (timed separately, reported), torch's first call warms its caches.
+    # Warm-up: the first JAX call compiles; torch's first calls set up oneDNN/MKL kernels.
     for name, fn in sides.items():
         for i in range(args.warmup):
-            dt, loss = fn()
-            print(f"warm-up {name:10s} step {i}: {dt:7.3f} s  loss {loss:.6f}" + ("  (includes compile)" if i == 0 and name.startswith("ours") else ""))
+            t0 = time.perf_counter()
+            loss = fn()
+            print(f"warm-up {name:8s} step {i}: {time.perf_counter() - t0:7.3f} s  loss {loss:.6f}"
+                  + ("  (includes compile)" if i == 0 and name == "ours" else ""))
 
-    times = {name: [] for name in sides}
-    for r in range(args.repeats):
-        order = list(sides.items()) if r % 2 == 0 else list(sides.items())[::-1]
-        for name, fn in order:
-            with OtherLoad() as load:
-                ts = [fn()[0] for _ in range(args.steps)]
-            times[name] += ts
-            print(f"round {r} {name:10s}: median {statistics.median(ts):.3f} s/step  "
-                  f"[{', '.join(f'{t:.3f}' for t in ts)}]   other processes used {load.value:4.0%} of the CPUs")
-
-    print("\n== one training step (forward + backward + AdamW), seconds/step ==")
-    med = {}
-    for name, ts in times.items():
-        med[name] = statistics.median(ts)
-        q = sorted(ts)
-        print(f"{name:10s}: median {med[name]:.3f}  min {q[0]:.3f}  max {q[-1]:.3f}  (n={len(ts)})")
-    if len(med) == 2:
-        ratio = med["ours (JAX)"] / med["PyTorch"]
-        rounds = [statistics.median(times["ours (JAX)"][i:i + args.steps]) /
-                  statistics.median(times["PyTorch"][i:i + args.steps])
-                  for i in range(0, len(times["PyTorch"]), args.steps)]
-        print(f"ratio ours/PyTorch: {ratio:.2f}x   per round: {', '.join(f'{x:.2f}' for x in rounds)}   "
-              f"(goal <= 0.80)")
+    print(f"\n== one training step (forward + backward + AdamW): {args.repeats} rounds x {args.steps} steps per side ==")
+    samples = interleave(sides, args)
+    summarize(samples, args, "ours", "PyTorch", goal=True)
 
     if args.profile:
-        profile(args, model, params, batch, tmodel, (t_sample, t_t, t_context, t_target), jit, loss_fn, train_step,
-                tx, sides)
+        profile(args, model, params, batch, tmodel, (t_sample, t_t, t_context, t_target), jit, loss_fn, train_step, tx)
     return 0
 
 
-def profile(args, model, params, batch, tmodel, tbatch, jit, loss_fn, train_step, tx, sides):
+def timed(fn):
+    """(wall seconds, fraction of the CPUs other processes used meanwhile)."""
+    with OtherLoad() as load:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+    return dt, load.value
+
+
+def interleave(cases, args):
+    """Rounds of args.steps timed calls per case, the order reversed every other round."""
+    samples = {name: [] for name in cases}
+    r = 0
+    while r < args.repeats or (
+            r < args.max_rounds and any(sum(l < args.quiet for _, l in got) < args.min_quiet for got in samples.values())):
+        if r == args.repeats:
+            print(f"(continuing until every case has {args.min_quiet} quiet steps, at most {args.max_rounds} rounds)")
+        order = list(cases.items()) if r % 2 == 0 else list(cases.items())[::-1]
+        for name, fn in order:
+            got = [timed(fn) for _ in range(args.steps)]
+            samples[name] += got
+            print(f"round {r} {name:20s}: median {statistics.median(t for t, _ in got):7.3f} s  "
+                  f"[{', '.join(f'{t:.3f}' for t, _ in got)}]  other load "
+                  f"[{', '.join('?' if l != l else f'{l:.0%}' for _, l in got)}]", flush=True)
+        r += 1
+    return samples
+
+
+def summarize(samples, args, ours, theirs, goal=False):
+    """Median of all steps, median of the quiet steps (others used < --quiet of the CPUs), min."""
+    stats = {}
+    for name, got in samples.items():
+        ts = [t for t, _ in got]
+        quiet = [t for t, l in got if l < args.quiet]
+        stats[name] = (statistics.median(ts), statistics.median(quiet) if quiet else float("nan"), min(ts))
+        print(f"{name:20s}: median {stats[name][0]:7.3f} s   quiet median {stats[name][1]:7.3f} s "
+              f"(n={len(quiet)}/{len(ts)})   min {stats[name][2]:7.3f} s")
+    if ours in stats and theirs in stats:
+        (a, aq, am), (b, bq, bm) = stats[ours], stats[theirs]
+        print(f"ratio {ours}/{theirs}: median {a / b:.2f}x   quiet median {aq / bq:.2f}x   min {am / bm:.2f}x"
+              + ("   (goal <= 0.80)" if goal else ""))
+
+
+def profile(args, model, params, batch, tmodel, tbatch, jit, loss_fn, train_step, tx):
     """Forward-only and forward+backward on each side, interleaved; and XLA's own cost estimate."""
     import jax
     import torch
 
     x, t, c, y = batch
+    tx_, tt, tc, ty = tbatch
     fwd = jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
     fwd_bwd = jit(jax.value_and_grad(loss_fn))
-    tx_, tt, tc, ty = tbatch
-
-    def j_fwd():
-        t0 = time.perf_counter(); jax.block_until_ready(fwd(params, x, t, c)); return time.perf_counter() - t0
-
-    def j_fwd_bwd():
-        t0 = time.perf_counter(); jax.block_until_ready(fwd_bwd(params, x, t, c, y)); return time.perf_counter() - t0
 
     def t_fwd():
-        t0 = time.perf_counter()
         with torch.no_grad():
             tmodel(tx_, tt, tc)
-        return time.perf_counter() - t0
 
     def t_fwd_bwd():
-        t0 = time.perf_counter()
         tmodel.zero_grad(set_to_none=True)
         torch.nn.functional.mse_loss(tmodel(tx_, tt, tc).sample, ty).backward()
-        return time.perf_counter() - t0
 
-    cases = [("forward", j_fwd, t_fwd), ("forward+backward", j_fwd_bwd, t_fwd_bwd)]
-    for fn in (j_fwd, j_fwd_bwd, t_fwd, t_fwd_bwd):
+    cases = {
+        "ours forward": lambda: jax.block_until_ready(fwd(params, x, t, c)),
+        "PyTorch forward": t_fwd,
+        "ours fwd+bwd": lambda: jax.block_until_ready(fwd_bwd(params, x, t, c, y)),
+        "PyTorch fwd+bwd": t_fwd_bwd,
+    }
+    for fn in cases.values():  # compile / warm up
         fn()
-    res = {}
-    for r in range(args.repeats):
-        for label, jf, tf in cases:
-            pairs = [(jf, "ours"), (tf, "PyTorch")] if r % 2 == 0 else [(tf, "PyTorch"), (jf, "ours")]
-            for f, side in pairs:
-                res.setdefault((label, side), []).extend(f() for _ in range(args.steps))
-    print("\n== profile: medians, seconds ==")
-    for label, _, _ in cases:
-        a, b = statistics.median(res[(label, "ours")]), statistics.median(res[(label, "PyTorch")])
-        print(f"{label:17s}: ours {a:.3f}  PyTorch {b:.3f}  ratio {a / b:.2f}x")
+    print(f"\n== profile: forward only (PyTorch under no_grad) and forward+backward ==")
+    samples = interleave(cases, args)
+    print()
+    summarize({k: v for k, v in samples.items() if "forward" in k}, args, "ours forward", "PyTorch forward")
+    summarize({k: v for k, v in samples.items() if "bwd" in k}, args, "ours fwd+bwd", "PyTorch fwd+bwd")
 
-    # XLA's FLOP estimate of each compiled program (the step itself is compiled without donation here).
+    # XLA's FLOP estimate of each compiled program.
     for label, fn, fargs in (("forward", lambda p, x, t, c: model.apply({"params": p}, x, t, c), (params, x, t, c)),
                              ("forward+backward", jax.value_and_grad(loss_fn), (params, x, t, c, y)),
                              ("train step", train_step, (params, tx.init(params), x, t, c, y))):

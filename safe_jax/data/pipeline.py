@@ -1,0 +1,111 @@
+"""The training input pipeline: ANCHOR records → per-host batches, deterministic and resumable.
+
+    tfds.data_source ─► seeded shuffle (reshuffled each epoch) ─► repeat ─► decode, crop, flip
+      ─► this host's shard ─► tokenise with subject weights ─► batch ─► worker processes
+      ─► (GlobalBatches) global jax.Array on the mesh's data axes, images scaled to [-1, 1] there
+
+Every step is a pure function of (seed, position in the global stream): the global stream is the
+same whatever the number of hosts, host ``i`` of ``n`` takes positions ``i, i+n, i+2n, ...`` (so
+hosts see disjoint records whose union is each epoch, with nothing dropped at epoch ends), and an
+iterator's state is just where it is, which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+
+from safe_jax.conditioning import DEFAULT_WEIGHT
+from safe_jax.data.source import data_source
+from safe_jax.data.transforms import DecodeImage, TokenizeWithSubjects
+from safe_jax.errors import SafeJaxError
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """Everything that decides which batches come out; two equal configs give equal batches.
+
+    ``batch_size`` is per host. ``worker_count`` processes each run ``read_threads`` decode
+    threads; ``worker_count=0`` runs in this process (tests, debugging). The worker count is part of
+    the order of batches (each worker batches its own slice), so keep it fixed across a resume.
+    """
+
+    name: str = "anchor/sample"
+    split: str = "train"
+    data_dir: str | None = None
+    resolution: int = 512
+    crop: str = "center"              # "center" (the authors' recipe) or "random"
+    flip: bool = True
+    image_dtype: str = "uint8"        # 0..255, scaled to [-1, 1] on the devices by GlobalBatches; or "float32"
+    batch_size: int = 4
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None     # None: repeat forever
+    drop_remainder: bool = True
+    subject_weight: float = DEFAULT_WEIGHT
+    subject_format: str = "plain"
+    worker_count: int = 2
+    worker_buffer_size: int = 2
+    read_threads: int = 2
+    prefetch: int = 16
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.resolution < 8:
+            raise SafeJaxError(f"need batch_size ≥ 1 and resolution ≥ 8, got {self.batch_size}, {self.resolution}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise SafeJaxError(f"num_epochs must be ≥ 1 or None, got {self.num_epochs}")
+
+
+def host_shard() -> tuple[int, int]:
+    """(this process's index, the number of processes) from JAX's distributed runtime."""
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def make_dataset(config: InputConfig, tokenizer: Any, *, source: Any = None,
+                 shard: tuple[int, int] | None = None) -> grain.IterDataset:
+    """This host's batches as a grain IterDataset: dicts of ``image`` [B, R, R, 3] (uint8 0..255, or
+    float32 [-1, 1] with ``image_dtype="float32"``), ``ids`` [B, 77] int32, ``weights`` [B, 77]
+    float32 and ``image_id`` [B] bytes.
+
+    ``source`` defaults to ``data_source(config.name, config.split, config.data_dir)``; ``shard`` to
+    ``(jax.process_index(), jax.process_count())``.
+    """
+    if source is None:
+        source = data_source(config.name, config.split, config.data_dir)
+    if len(source) == 0:
+        raise SafeJaxError(f"{config.name} split {config.split!r} is empty")
+    index, count = shard if shard is not None else host_shard()
+    if not 0 <= index < count:
+        raise SafeJaxError(f"shard index {index} is not in [0, {count})")
+
+    ds = grain.MapDataset.source(source).seed(config.seed)
+    if config.shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(config.num_epochs)  # reseeds the shuffle each epoch
+    ds = ds.random_map(DecodeImage(config.resolution, config.crop, config.flip, config.image_dtype))
+    ds = ds[index::count]  # after the augmentation: its randomness is keyed by the global position
+    ds = ds.map(TokenizeWithSubjects(tokenizer, config.subject_weight, config.subject_format))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch))
+    it = it.batch(config.batch_size, drop_remainder=config.drop_remainder)
+    if config.worker_count > 0:
+        _absl_flags_ready()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
+                                                         per_worker_buffer_size=config.worker_buffer_size))
+    return it
+
+
+def _absl_flags_ready() -> None:
+    """grain's worker processes read absl flags; outside ``absl.app.run`` nobody has parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_iterator(config: InputConfig, tokenizer: Any, **kwargs: Any) -> grain.DatasetIterator:
+    """``iter(make_dataset(...))``: a DatasetIterator with ``get_state`` / ``set_state``."""
+    return iter(make_dataset(config, tokenizer, **kwargs))

@@ -1,0 +1,129 @@
+"""Per-record transforms: JPEG → cropped, flipped, scaled image; caption + subjects → weighted tokens.
+
+Randomness comes only from the ``rng`` grain hands each record (derived from the pipeline seed and
+the record's position in the global stream), so a record is transformed identically on every run,
+on any number of hosts and after any resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from safe_jax.data.source import as_text, as_texts
+from safe_jax.errors import SafeJaxError
+
+CROPS = ("center", "random")
+IMAGE_DTYPES = ("float32", "bfloat16", "uint8")
+
+
+def crop_box(width: int, height: int, resolution: int, crop: str, rng: np.random.Generator | None) -> tuple:
+    """The square, in source pixels, that becomes the ``resolution``² training image.
+
+    As torchvision's Resize(shorter side) then CenterCrop / RandomCrop (diffusers' training
+    scripts), but computed in source coordinates so that only the crop is resampled.
+    """
+    scale = resolution / min(width, height)
+    rw, rh = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if crop == "random":
+        left, top = int(rng.integers(0, rw - resolution + 1)), int(rng.integers(0, rh - resolution + 1))
+    else:
+        left, top = int(round((rw - resolution) / 2.0)), int(round((rh - resolution) / 2.0))
+    return (left / scale, top / scale, (left + resolution) / scale, (top + resolution) / scale)
+
+
+def load_image(data: bytes, resolution: int, crop: str = "center", flip: bool = False,
+               rng: np.random.Generator | None = None, dtype: str = "float32") -> np.ndarray:
+    """JPEG bytes → [resolution, resolution, 3]: shorter side resized, cropped, maybe flipped, in [-1, 1].
+
+    ``dtype="uint8"`` keeps 0..255 (4× less to move between processes and to the device; scale it
+    there with ``to_unit_range``).
+    """
+    im = Image.open(io.BytesIO(data))
+    w, h = im.size
+    if im.format == "JPEG":
+        # Decode at 1/2, 1/4 or 1/8 scale in the DCT domain where the result still covers the crop.
+        s = resolution / min(w, h)
+        im.draft("RGB", (math.ceil(w * s), math.ceil(h * s)))
+    im = im.convert("RGB")
+    box = crop_box(w, h, resolution, crop, rng)
+    fx, fy = im.size[0] / w, im.size[1] / h  # the draft's reduction
+    box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+    if abs(box[2] - box[0] - resolution) < 1e-6 and all(float(b).is_integer() for b in box):
+        im = im.crop(tuple(int(b) for b in box))  # no resampling needed
+    else:
+        im = im.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box)
+    pixels = np.asarray(im)
+    if flip and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    if dtype == "uint8":
+        return np.ascontiguousarray(pixels)
+    out = pixels.astype(np.float32)
+    out *= 2.0 / 255.0
+    out -= 1.0
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return out.astype(ml_dtypes.bfloat16)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeImage(grain.transforms.RandomMap):
+    """TFDS record (image bytes) → record with the training image; other fields kept as Python str."""
+
+    resolution: int
+    crop: str = "center"
+    flip: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise SafeJaxError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        if self.dtype not in IMAGE_DTYPES:
+            raise SafeJaxError(f"image dtype must be one of {IMAGE_DTYPES}, got {self.dtype!r}")
+
+    def random_map(self, features: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        image = load_image(features["image"], self.resolution, self.crop, self.flip, rng, self.dtype)
+        return {
+            "image": image,
+            "image_id": as_text(features["image_id"]),
+            "caption": as_text(features["caption"]),
+            "subjects": as_texts(features.get("subjects")),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeWithSubjects(grain.transforms.Map):
+    """caption + subjects → ``ids`` [77] int32 and ``weights`` [77] float32 (SAFE part 1).
+
+    Captions and subject lists leave the record here: what follows is fixed-shape arrays only.
+    """
+
+    tokenizer: Any
+    subject_weight: float
+    subject_format: str = "plain"
+    max_length: int = 77
+
+    def map(self, features: dict[str, Any]) -> dict[str, Any]:
+        from safe_jax.conditioning import subject_token_weights
+
+        tw = subject_token_weights(self.tokenizer, [features["caption"]], [features["subjects"]],
+                                   self.subject_weight, self.subject_format, self.max_length)
+        return {
+            "image": features["image"],
+            "ids": tw.ids[0],
+            "weights": tw.weights[0],
+            "image_id": np.bytes_(features["image_id"].encode("utf-8")),
+        }
+
+
+def to_unit_range(images: Any) -> Any:
+    """uint8 0..255 → float32 [-1, 1], for pipelines that ship uint8 (works on np and jax arrays)."""
+    return images.astype("float32") * (2.0 / 255.0) - 1.0

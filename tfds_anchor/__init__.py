@@ -1,0 +1,9 @@
+"""TFDS builders of this project. ``import tfds_anchor`` registers ``anchor`` with TFDS.
+
+Then ``tfds.data_source("anchor/sample")``, ``tfds.load("anchor/default", ...)`` and
+``tfds build anchor --imports tfds_anchor --manual_dir DIR`` find it.
+"""
+
+from tfds_anchor.anchor.anchor_dataset_builder import AnchorConfig, Builder
+
+__all__ = ["AnchorConfig", "Builder"]

@@ -1,0 +1,1 @@
+"""The ANCHOR news image–caption dataset (folder-style TFDS builder)."""

@@ -1,0 +1,233 @@
+"""ANCHOR: news image–caption pairs with their key subjects (SAFE's training and test data).
+
+The images come from licensed news datasets, so the builder reads a manual directory whose layout
+we define (README.md, MANUAL_DOWNLOAD_INSTRUCTIONS). ``sample`` needs none: it draws a few hundred
+news-like pairs itself, so demos and tests run offline.
+
+Building and reading through ``tfds.data_source`` need no TensorFlow: images are decoded and encoded
+with PIL here and records are written as ArrayRecord.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from tfds_anchor.anchor import images, manual, synthetic
+from tfds_anchor.anchor.report import BuildReport, read_report
+from tfds_anchor.anchor.sources import SOURCES, normalise_source
+
+log = logging.getLogger("tfds_anchor")
+
+_HOMEPAGE = "https://zenodo.org/records/10974908"
+SUBSETS = ("non_entity", "entity", "synthetic")
+
+
+@dataclasses.dataclass(eq=False)
+class AnchorConfig(tfds.core.BuilderConfig):
+    """Which records, and how images are stored.
+
+    ``max_side`` caps the longest side of stored images (768 keeps a 3:2 photo's shorter side at 512,
+    SD 1.x's training size; raise it for 768² training). ``min_side`` is the smallest shorter side
+    kept. ``subjects_backend`` is safe_jax.subjects' backend for records without subjects ("auto":
+    the LLM when OPENAI_API_KEY is set, else the offline heuristics).
+    """
+
+    subset: str = "non_entity"
+    max_side: int = 768
+    min_side: int = 64
+    jpeg_quality: int = 90
+    subjects_backend: str = "auto"
+    synthetic_examples: int = 300
+    synthetic_size: tuple[int, int] = (192, 128)
+    synthetic_seed: int = 0
+
+    def __post_init__(self):
+        if self.subset not in SUBSETS:
+            raise ValueError(f"subset must be one of {SUBSETS}, got {self.subset!r}")
+        if not 0 < self.min_side <= self.max_side:
+            raise ValueError(f"need 0 < min_side <= max_side, got {self.min_side} and {self.max_side}")
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+    """DatasetBuilder for ANCHOR (and its offline ``sample``)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release: default (non-entity), entity and sample configs."}
+    BUILDER_CONFIGS = [
+        AnchorConfig(name="default", subset="non_entity",
+                     description="ANCHOR's non-entity subset, from a manual directory."),
+        AnchorConfig(name="entity", subset="entity",
+                     description="ANCHOR Entity: pairs whose image shows a named person (field `entity`)."),
+        AnchorConfig(name="sample", subset="synthetic",
+                     description="300 synthetic news-like pairs drawn offline by our own code, for demos and tests."),
+    ]
+    DEFAULT_CONFIG_NAME = "default"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """
+    ANCHOR's captions and metadata are released on Zenodo (record 10974908,
+    https://zenodo.org/records/10974908); its images come from licensed news datasets
+    (VisualNews: The Guardian, BBC, USA Today, The Washington Post; GoodNews / NYTimes800k:
+    The New York Times), which you obtain from their owners under their terms.
+
+    Put in the manual directory (`--manual_dir`, default ~/tensorflow_datasets/downloads/manual/):
+
+      anchor.jsonl   one JSON object a line:
+                       {"id": "...", "caption": "...", "source": "The Guardian",
+                        "image": "images/000123.jpg",            # relative to the manual directory
+                        "subjects": ["Boris Johnson", "Tower Bridge"],  # optional
+                        "entity": "Boris Johnson",               # optional: marks ANCHOR Entity records
+                        "split": "train"}                        # optional: train / validation / test
+                     (or anchor.csv with the same columns; `subjects` as a JSON list or `;`-separated)
+      images/...     the image files (any format PIL reads)
+
+    Extra fields are ignored. Records without `subjects` get them from safe_jax.subjects (an LLM
+    when OPENAI_API_KEY is set, else offline heuristics; answers are cached). Records without
+    `split` are split by a hash of their id (90/5/5). Bad records are skipped and counted in
+    build_report.json next to the built dataset.
+    """
+
+    def __init__(self, *, file_format: str | None = None, **kwargs: Any):
+        # ArrayRecord by default: random access for grain, and no TensorFlow needed to read it.
+        super().__init__(file_format=file_format or "array_record", **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "image_id": tfds.features.Text(),
+                "caption": tfds.features.Text(),
+                "source": tfds.features.ClassLabel(names=list(SOURCES)),
+                "subjects": tfds.features.Sequence(tfds.features.Text()),
+                "entity": tfds.features.Text(),
+            }),
+            supervised_keys=None,
+            homepage=_HOMEPAGE,
+        )
+
+    # ------------------------------------------------------------------ generation
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
+        config: AnchorConfig = self.builder_config
+        self._report = report = BuildReport(config=config.name)
+        if config.subset == "synthetic":
+            records = list(synthetic.pairs(config.synthetic_examples, config.synthetic_seed, config.synthetic_size,
+                                           config.jpeg_quality))
+            report.records_read = len(records)
+            root = None
+        else:
+            root = epath.Path(dl_manager.manual_dir)
+            records = manual.read_records(root, report)
+            wanted = config.subset == "entity"
+            others = sum(bool(r.entity) != wanted for r in records)
+            if others:
+                report.note(f"records of the other subset ({'non-entity' if wanted else 'entity'}), not in this config",
+                            others)
+            records = [r for r in records if bool(r.entity) == wanted]
+            records = self._usable_images(records, root, report)
+        self._fill_subjects(records, report)
+        by_split: dict[str, list[manual.Record]] = {}
+        for r in records:
+            by_split.setdefault(r.split, []).append(r)
+        return {split: self._generate_examples(by_split[split], root) for split in manual.SPLITS if split in by_split}
+
+    def _usable_images(self, records: list[manual.Record], root: epath.Path, report: BuildReport) -> list[manual.Record]:
+        """First pass: which images decode, so that every split written is known not to be empty."""
+        config: AnchorConfig = self.builder_config
+
+        def verdict(record: manual.Record) -> tuple[str | None, str | None]:
+            data = _read(root, record.image)
+            if data is None:
+                return "missing_image", None
+            try:
+                return None, images.check(data, min_side=config.min_side)
+            except images.BadImage as e:
+                return e.reason, None
+
+        kept = []
+        for record, (reason, mode) in zip(records, images.parallel_map(verdict, records)):
+            if reason:
+                report.skip(reason, record.id)
+            else:
+                if mode:
+                    report.converted[mode] += 1
+                kept.append(record)
+        return kept
+
+    def _fill_subjects(self, records: list[manual.Record], report: BuildReport) -> None:
+        todo = [r for r in records if r.subjects is None]
+        if not todo:
+            return
+        from safe_jax.subjects import extract  # imported here: only builds that need it pay for it
+
+        backend = self.builder_config.subjects_backend
+        for record, subjects in zip(todo, extract([r.caption for r in todo], backend=backend, progress=False)):
+            record.subjects = subjects
+        report.note(f"subjects computed with safe_jax.subjects (backend {backend!r})", len(todo))
+
+    def _generate_examples(self, records: list[manual.Record], root: epath.Path | None):
+        config: AnchorConfig = self.builder_config
+        report = self._report
+
+        def prepared(record: manual.Record) -> images.Prepared | str:
+            data = record.image_bytes if record.image_bytes is not None else _read(root, record.image)
+            if data is None:
+                return "missing_image"  # deleted between the two passes
+            try:
+                return images.prepare(data, max_side=config.max_side, min_side=config.min_side,
+                                      quality=config.jpeg_quality)
+            except images.BadImage as e:
+                return e.reason
+
+        for record, image in zip(records, images.parallel_map(prepared, records)):
+            if isinstance(image, str):
+                report.skip(image, record.id)
+                continue
+            if image.reencoded and record.image_bytes is None:
+                report.note("images re-encoded (converted, rotated or larger than max_side)")
+            report.kept[record.split] += 1
+            yield record.id, {
+                "image": image.jpeg,
+                "image_id": record.id,
+                "caption": record.caption,
+                "source": normalise_source(record.source),
+                "subjects": record.subjects or [],
+                "entity": record.entity if config.subset == "entity" else "",
+            }
+
+    def _as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):  # pytype: disable=signature-mismatch
+        """tf.data over the ArrayRecord files (TFDS itself reads only TFRecord into tf.data)."""
+        read_config = read_config or tfds.ReadConfig()
+        file_format = read_config.file_format or self.info.file_format
+        if tfds.core.file_adapters.FileFormat.from_value(file_format).value != "array_record":
+            return super()._as_dataset(split, decoders, read_config, shuffle_files)
+        from tfds_anchor.anchor import tf_reader  # TensorFlow only here
+
+        return tf_reader.as_tf_dataset(self, split, decoders, read_config, shuffle_files)
+
+    def _download_and_prepare(self, dl_manager, download_config=None):  # pytype: disable=signature-mismatch
+        super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+        report = getattr(self, "_report", None)
+        if report is None:  # max_examples_per_split=0: nothing was generated
+            return
+        path = report.write(self.data_path)  # data_path is the build's temporary dir: moved with the data
+        print("\n" + report.summary(), flush=True)
+        log.info("build report: %s", path)
+
+
+def _read(root: epath.Path, relative: str) -> bytes | None:
+    path = root / relative
+    try:
+        return path.read_bytes()
+    except OSError:  # missing, a directory, unreadable: the record has no image
+        return None
+
+
+def build_report(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
+    """The build report of a prepared dataset (what was kept and skipped, by reason)."""
+    return read_report(builder.data_path)
+
+
+__all__ = ["AnchorConfig", "Builder", "build_report"]

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from safe_jax.errors import SafeJaxError
 from safe_jax.models.attention_ops import AttentionImpl, multi_head_attention
 
 Dtype = Any
@@ -29,6 +30,16 @@ def conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str
     pad = kernel // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def remat(cls, policy: str | None):
+    """Wrap a module class in jax.checkpoint with a named policy ("full" saves nothing)."""
+    if policy is None or policy == "none":
+        return cls
+    name = "nothing_saveable" if policy == "full" else policy
+    if not hasattr(jax.checkpoint_policies, name):
+        raise SafeJaxError(f"unknown remat policy {policy!r}: use 'none', 'full' or a jax.checkpoint_policies name")
+    return nn.remat(cls, policy=getattr(jax.checkpoint_policies, name))
 
 
 class ResnetBlock2D(nn.Module):

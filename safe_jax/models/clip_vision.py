@@ -39,6 +39,7 @@ from safe_jax.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
 from safe_jax.models import clip_text
 from safe_jax.models.attention_ops import AttentionImpl
+from safe_jax.models.blocks import remat
 from safe_jax.models.clip_text import CLIPEncoderLayer, CLIPTextConfig, CLIPTextTransformer
 
 _VISION_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -217,15 +218,6 @@ def preset(name: str) -> CLIPConfig:
     return PRESETS[name]
 
 
-def _remat(cls, policy: str | None):
-    """Wrap a layer class in jax.checkpoint with a named policy ("full" saves nothing)."""
-    if policy is None or policy == "none":
-        return cls
-    name = "nothing_saveable" if policy == "full" else policy
-    if not hasattr(jax.checkpoint_policies, name):
-        raise SafeJaxError(f"unknown remat policy {policy!r}: use 'none', 'full' or a jax.checkpoint_policies name")
-    return nn.remat(cls, policy=getattr(jax.checkpoint_policies, name))
-
 
 class CLIPVisionEmbeddings(clip_text._Module):
     @nn.compact
@@ -256,7 +248,7 @@ class CLIPVisionEncoder(clip_text._Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         """Every layer's output, preceded by the input (transformers' ``hidden_states``)."""
-        layer_cls = _remat(CLIPEncoderLayer, self.remat_policy)
+        layer_cls = remat(CLIPEncoderLayer, self.remat_policy)
         states = [x]
         for i in range(self.config.num_hidden_layers):
             layer = layer_cls(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from safe_jax.errors import SafeJaxError
 from safe_jax.models.attention_ops import AttentionImpl
 from safe_jax.models.blocks import (
-    Downsample2D, ResnetBlock2D, Transformer2DModel, Upsample2D, conv, group_norm,
+    Downsample2D, remat, ResnetBlock2D, Transformer2DModel, Upsample2D, conv, group_norm,
 )
 
 Dtype = Any
@@ -135,15 +135,6 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift
     return emb
 
 
-def _remat(cls, policy: str | None):
-    """Wrap a block class in jax.checkpoint with a named policy ("full" saves nothing)."""
-    if policy is None or policy == "none":
-        return cls
-    name = "nothing_saveable" if policy == "full" else policy
-    if not hasattr(jax.checkpoint_policies, name):
-        raise SafeJaxError(f"unknown remat policy {policy!r}: use 'none', 'full' or a jax.checkpoint_policies name")
-    return nn.remat(cls, policy=getattr(jax.checkpoint_policies, name))
-
 
 class _Block(nn.Module):
     """One down or up block: resnets, optional spatial transformers, optional resampler."""
@@ -162,8 +153,8 @@ class _Block(nn.Module):
     @nn.compact
     def __call__(self, x, temb, context, skips=None):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        resnet_cls = _remat(ResnetBlock2D, self.remat_policy)
-        attn_cls = _remat(Transformer2DModel, self.remat_policy)
+        resnet_cls = remat(ResnetBlock2D, self.remat_policy)
+        attn_cls = remat(Transformer2DModel, self.remat_policy)
         outputs = []
         for j in range(self.num_layers):
             if skips is not None:
@@ -253,8 +244,8 @@ class _MidBlock(nn.Module):
     def __call__(self, x, temb, context):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = x.shape[-1]
-        resnet_cls = _remat(ResnetBlock2D, self.remat_policy)
-        attn_cls = _remat(Transformer2DModel, self.remat_policy)
+        resnet_cls = remat(ResnetBlock2D, self.remat_policy)
+        attn_cls = remat(Transformer2DModel, self.remat_policy)
         x = resnet_cls(c, cfg.norm_num_groups, cfg.norm_eps, name="resnets_0", **kw)(x, temb)
         x = attn_cls(self.heads, c // self.heads, self.depth, cfg.norm_num_groups, cfg.use_linear_projection,
                      cfg.upcast_attention, self.attention_impl, name="attentions_0", **kw)(x, context)

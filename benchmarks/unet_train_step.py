@@ -37,9 +37,10 @@ QUICK_CONFIG = dict(
 
 
 class OtherLoad:
-    """CPU time used by *other* processes while a block runs, as a fraction of all cores (Linux /proc).
+    """CPU time used by *other* processes, on the cores this process may run on, while a block runs,
+    as a fraction of those cores (Linux /proc; nan elsewhere or when no clock tick passed).
 
-    The machine may be shared; a round during which others used the cores is not comparable.
+    The machine may be shared; a step during which others used our cores is not comparable.
     """
 
     def __enter__(self):
@@ -51,21 +52,26 @@ class OtherLoad:
         if self.a is None or b is None:
             self.value = float("nan")
         else:
-            busy, total, own = (y - x for x, y in zip(self.a, b))
-            self.value = max(0.0, busy - own) / total if total else float("nan")  # both in clock ticks
+            busy, total, own = (y - x for x, y in zip(self.a, b))  # all in clock ticks
+            self.value = max(0.0, busy - own) / total if total else float("nan")
         return False
 
     @staticmethod
     def _read():
         try:
+            cores = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+            busy = total = 0
             with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
+                for line in f:
+                    name, *v = line.split()
+                    if name in cores:
+                        v = [int(x) for x in v[:8]]
+                        total += sum(v)
+                        busy += sum(v) - v[3] - v[4]  # minus idle and iowait
             with open("/proc/self/stat") as f:
                 st = f.read().rsplit(")", 1)[1].split()
-            own = int(st[11]) + int(st[12])  # utime + stime of this process, clock ticks
-            idle = v[3] + v[4]
-            return sum(v[:8]) - idle, sum(v[:8]), own
-        except (OSError, ValueError, IndexError):
+            return busy, total, int(st[11]) + int(st[12])  # utime + stime of this process
+        except (OSError, ValueError, IndexError, AttributeError):
             return None
 
 
@@ -87,7 +93,13 @@ def parse_args(argv=None):
     p.add_argument("--attention-impl", default="none", choices=("none", "xla"),
                    help="our attention_impl ('none' lets JAX choose)")
     p.add_argument("--remat", default=None, help="our remat_policy (e.g. 'full', 'dots_saveable')")
+    p.add_argument("--unet-module", default="safe_jax.models.unet",
+                   help="module providing UNet2DConditionModel and UNetConfig (to time an experimental copy)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--cpus", type=int, default=None,
+                   help="pin the process to this many cores (sched_setaffinity) before JAX and torch start; "
+                        "both then use that many threads. --cpus 1 compares per-core efficiency, and is far "
+                        "less disturbed by other work on a shared machine than torch's OpenMP threads are")
     p.add_argument("--torch-foreach", action="store_true", help="torch AdamW(foreach=True)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay on both sides")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -111,6 +123,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.cpus:
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, allowed[-args.cpus:])
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
 
@@ -121,17 +136,22 @@ def main(argv=None) -> int:
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
 
+    import importlib
+
     from safe_jax.convert import torch_to_flax
-    from safe_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    unet_module = importlib.import_module(args.unet_module)
+    UNet2DConditionModel, UNetConfig = unet_module.UNet2DConditionModel, unet_module.UNetConfig
 
     cfg_dict = dict(QUICK_CONFIG if args.quick else FULL_CONFIG, sample_size=args.latent)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     B, S, L, D = args.batch, args.latent, args.context_len, cfg_dict["cross_attention_dim"]
 
-    print(f"python {sys.version.split()[0]}  jax {jax.__version__}  torch {torch.__version__}")
+    print(f"python {sys.version.split()[0]}  jax {jax.__version__}  torch {torch.__version__}  ours: {args.unet_module}")
     print(f"JAX device: {jax.devices()[0]} ({jax.default_backend()})   XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"torch.get_num_threads()={torch.get_num_threads()}   os.cpu_count()={os.cpu_count()}")
+    print(f"torch.get_num_threads()={torch.get_num_threads()}   os.cpu_count()={os.cpu_count()}   "
+          f"cores this process may use: {sorted(os.sched_getaffinity(0))}")
     print(f"config: block_out_channels={cfg_dict['block_out_channels']} cross_attention_dim={D} "
           f"batch={B} latents={S}x{S}x4 context=[{B},{L},{D}] fp32")
 
@@ -246,12 +266,12 @@ def main(argv=None) -> int:
 
 
 def timed(fn):
-    """(wall seconds, fraction of the CPUs other processes used meanwhile)."""
+    """(wall seconds, fraction of the CPUs other processes used meanwhile, this process's CPU seconds)."""
     with OtherLoad() as load:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        dt = time.perf_counter() - t0
-    return dt, load.value
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    return dt, load.value, dc
 
 
 def interleave(cases, args):
@@ -259,29 +279,35 @@ def interleave(cases, args):
     samples = {name: [] for name in cases}
     r = 0
     while r < args.repeats or (
-            r < args.max_rounds and any(sum(l < args.quiet for _, l in got) < args.min_quiet for got in samples.values())):
+            r < args.max_rounds and any(sum(l < args.quiet for _, l, _ in got) < args.min_quiet
+                                        for got in samples.values())):
         if r == args.repeats:
             print(f"(continuing until every case has {args.min_quiet} quiet steps, at most {args.max_rounds} rounds)")
         order = list(cases.items()) if r % 2 == 0 else list(cases.items())[::-1]
         for name, fn in order:
             got = [timed(fn) for _ in range(args.steps)]
             samples[name] += got
-            print(f"round {r} {name:20s}: median {statistics.median(t for t, _ in got):7.3f} s  "
-                  f"[{', '.join(f'{t:.3f}' for t, _ in got)}]  other load "
-                  f"[{', '.join('?' if l != l else f'{l:.0%}' for _, l in got)}]", flush=True)
+            print(f"round {r} {name:20s}: median {statistics.median(t for t, _, _ in got):7.3f} s  "
+                  f"[{', '.join(f'{t:.3f}' for t, _, _ in got)}]  other load "
+                  f"[{', '.join('?' if l != l else f'{l:.0%}' for _, l, _ in got)}]", flush=True)
         r += 1
     return samples
 
 
 def summarize(samples, args, ours, theirs, goal=False):
-    """Median of all steps, median of the quiet steps (others used < --quiet of the CPUs), min."""
+    """Median of all steps, median of the quiet steps (others used < --quiet of the CPUs), min.
+
+    Also this process's CPU seconds per step (median over quiet steps, else all): the work done,
+    including any spinning of idle worker threads.
+    """
     stats = {}
     for name, got in samples.items():
-        ts = [t for t, _ in got]
-        quiet = [t for t, l in got if l < args.quiet]
+        ts = [t for t, _, _ in got]
+        quiet = [t for t, l, _ in got if l < args.quiet]
+        cpu = [c for _, l, c in got if l < args.quiet] or [c for _, _, c in got]
         stats[name] = (statistics.median(ts), statistics.median(quiet) if quiet else float("nan"), min(ts))
         print(f"{name:20s}: median {stats[name][0]:7.3f} s   quiet median {stats[name][1]:7.3f} s "
-              f"(n={len(quiet)}/{len(ts)})   min {stats[name][2]:7.3f} s")
+              f"(n={len(quiet)}/{len(ts)})   min {stats[name][2]:7.3f} s   CPU {statistics.median(cpu):6.2f} s/step")
     if ours in stats and theirs in stats:
         (a, aq, am), (b, bq, bm) = stats[ours], stats[theirs]
         print(f"ratio {ours}/{theirs}: median {a / b:.2f}x   quiet median {aq / bq:.2f}x   min {am / bm:.2f}x"

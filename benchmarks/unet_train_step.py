@@ -2,15 +2,22 @@
 
 Both sides get the same config, the same weights (PyTorch's random init copied into ours), the same
 batch, timesteps and target, and run on the same machine in one process, alternating rounds so load
-from other work hits both sides alike. It prints the median seconds/step of each and ours/PyTorch.
+from other work hits both sides alike. It prints seconds/step of each side and the ratio ours/PyTorch.
 
     python benchmarks/unet_train_step.py                 # the issue's 142M-parameter UNet, 32x32, batch 2
-    python benchmarks/unet_train_step.py --quick         # tiny config: checks the script works
+    python benchmarks/unet_train_step.py --quick         # tiny config: checks the script works (~1.5 min)
     python benchmarks/unet_train_step.py --profile       # also forward-only and forward+backward per side
-    python benchmarks/unet_train_step.py --xla-flags="--xla_cpu_use_thunk_runtime=false" --only jax
+    python benchmarks/unet_train_step.py --cpus 1        # one core each: per-core efficiency, robust to load
+    python benchmarks/unet_train_step.py --min-quiet 4   # add rounds until each side has 4 undisturbed steps
+    python benchmarks/unet_train_step.py --only jax --xla-flags=--xla_cpu_use_onednn=true
+    PYTHONPATH=/tmp/x python benchmarks/unet_train_step.py --unet-module my_copy.models.unet
 
-XLA_FLAGS must be set before JAX starts, so --xla-flags is appended to the environment's XLA_FLAGS
-before jax is imported. Loss: MSE between the UNet output and a fixed random (epsilon-style) target.
+Noise: every step records how much CPU other processes used on our cores meanwhile. On a shared
+machine PyTorch's OpenMP threads slow down 10-20x when another process takes a core (ours about 2x),
+so the plain median is meaningless there: quote the "quiet median" (steps where others used < --quiet
+of the cores) or run with --cpus 1. XLA_FLAGS must be set before JAX starts, so --xla-flags is
+appended to the environment's XLA_FLAGS before jax is imported (unknown flags abort XLA).
+Loss: MSE between the UNet output and a fixed random (epsilon-style) target; timesteps fixed.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ COMMANDS = {
     "generate": "Generate images from prompts with a local checkpoint or preset.",
     "export": "Write a model as a diffusers folder (safetensors, fp32 or fp16).",
     "subjects": "Find the key visual subjects of news captions (LLM or offline) as JSONL.",
+    "train": "SAFE domain fine-tuning (denoising + ReFL) from a config; resumes, checkpoints, exports.",
 }
 
 

@@ -105,4 +105,4 @@ def refl_loss(
     images = jnp.clip(decode(x0 / scaling_factor).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     r = reward(images, batch)
     loss = jnp.mean(jax.nn.relu(lam - r)) * grad_scale
-    return loss, {"refl_loss": loss, "reward": jnp.mean(r), "refl_step": j}
+    return loss, {"refl_loss": loss, "reward": jnp.mean(r), "refl_step": j.astype(jnp.float32)}

@@ -80,6 +80,10 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int = 0, ema
                       ema=jax.tree.map(jnp.copy, params) if ema else None, rng=jax.random.key_data(jax.random.key(seed)))
 
 
+def _placeholder(x: jax.ShapeDtypeStruct) -> jax.Array:
+    return jnp.full(x.shape, jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else -1, x.dtype)
+
+
 def make_train_step(pipe, cfg: StepConfig, tx: optax.GradientTransformation, reward=None):
     """``step(state, frozen, batch) -> (state, metrics)``.
 
@@ -110,25 +114,39 @@ def make_train_step(pipe, cfg: StepConfig, tx: optax.GradientTransformation, rew
             latents = jax.lax.stop_gradient(sample_posterior(mean, logvar, k_lat) * scaling)
         empty = pipe.text_encoder.apply({"params": frozen["text_encoder"]}, jnp.asarray(pipe.tokenize([""])))["encoded"]
 
+        reward_batch = dict(batch)
+        if "images" in batch and "gt_images" not in batch:  # DFE's image term: the ground truth in [0, 1]
+            reward_batch["gt_images"] = batch["images"] / 2 + 0.5
+
+        def denoising(unet_params):
+            ctx = losses.drop_conditioning(context, empty, cfg.cond_dropout, k_drop)
+            return losses.denoising_loss(unet, unet_params, latents, ctx, k_den, schedule, cfg.min_snr_gamma)
+
+        def refl(unet_params):
+            return losses.refl_loss(
+                unet, unet_params, decode, lambda images, b: reward(frozen["reward"], images, b), context,
+                reward_batch, k_refl, schedule, latents.shape, scaling, cfg.refl_steps, cfg.refl_step_range,
+                cfg.refl_lambda, cfg.refl_grad_scale)
+
         def loss_fn(trainable):
             unet_params = lora.merge(frozen["unet"], trainable, cfg.lora_scale) if cfg.mode == "lora" else trainable
-            metrics = {}
-            den = refl = jnp.zeros((), jnp.float32)
-            if cfg.loss in ("denoising", "both"):
-                ctx = losses.drop_conditioning(context, empty, cfg.cond_dropout, k_drop)
-                den, m = losses.denoising_loss(unet, unet_params, latents, ctx, k_den, schedule, cfg.min_snr_gamma)
-                metrics.update(m)
-            if cfg.loss in ("refl", "both"):
-                refl, m = losses.refl_loss(
-                    unet, unet_params, decode, lambda images, b: reward(frozen["reward"], images, b), context,
-                    batch, k_refl, schedule, latents.shape, scaling, cfg.refl_steps, cfg.refl_step_range,
-                    cfg.refl_lambda, cfg.refl_grad_scale)
-                metrics.update(m)
-            if cfg.loss == "both" and cfg.mix == "alternate":
-                total = jnp.where(state.step % 2 == 1, refl, den)
-            else:
-                total = den + cfg.refl_weight * refl
-            return total, metrics
+            if cfg.loss == "denoising":
+                return denoising(unet_params)
+            if cfg.loss == "refl":
+                return refl(unet_params)
+            if cfg.mix == "weighted":
+                (den, m_den), (rl, m_refl) = denoising(unet_params), refl(unet_params)
+                return den + cfg.refl_weight * rl, {**m_den, **m_refl}
+            # alternate: ReFL on odd steps, denoising on even ones; only the chosen loss is computed.
+            # Both branches report every metric, NaN for the one not computed this step.
+            def only(fn, other):
+                def branch(p):
+                    total, m = fn(p)
+                    return total, {**jax.tree.map(_placeholder, other), **m}
+                return branch
+            m_den = jax.eval_shape(denoising, unet_params)[1]
+            m_refl = jax.eval_shape(refl, unet_params)[1]
+            return jax.lax.cond(state.step % 2 == 1, only(refl, m_den), only(denoising, m_refl), unet_params)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.global_norm(grads)

@@ -1,13 +1,15 @@
 """The training input pipeline: ANCHOR records → per-host batches, deterministic and resumable.
 
     tfds.data_source ─► seeded shuffle (reshuffled each epoch) ─► repeat ─► decode, crop, flip
-      ─► this host's shard ─► tokenise with subject weights ─► batch ─► worker processes
+      ─► tokenise with subject weights ─► batch ─► this host's batches ─► worker processes
       ─► (GlobalBatches) global jax.Array on the mesh's data axes, images scaled to [-1, 1] there
 
-Every step is a pure function of (seed, position in the global stream): the global stream is the
-same whatever the number of hosts, host ``i`` of ``n`` takes positions ``i, i+n, i+2n, ...`` (so
-hosts see disjoint records whose union is each epoch, with nothing dropped at epoch ends), and an
-iterator's state is just where it is, which is what makes resume exact.
+Every step is a pure function of (seed, position in the global stream). The stream is cut into
+per-host batches of ``batch_size`` consecutive records and host ``i`` of ``n`` takes batches
+``i, i+n, i+2n, ...``; global batch ``g`` (the hosts' batches in process order) is therefore
+records ``[g·n·b, (g+1)·n·b)`` whatever ``n`` is, so a run on 1 or 64 hosts trains on the same
+global batches. Hosts see disjoint records whose union is each epoch, and an iterator's state is
+just where it is, which is what makes resume exact.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ class InputConfig:
     """Everything that decides which batches come out; two equal configs give equal batches.
 
     ``batch_size`` is per host. ``worker_count`` processes each run ``read_threads`` decode
-    threads; ``worker_count=0`` runs in this process (tests, debugging). The worker count is part of
-    the order of batches (each worker batches its own slice), so keep it fixed across a resume.
+    threads; ``worker_count=0`` runs in this process (tests, debugging). Batches are formed before
+    the workers, so the worker count does not change which batches come out.
     """
 
     name: str = "anchor/sample"
@@ -49,7 +51,7 @@ class InputConfig:
     worker_count: int = 2
     worker_buffer_size: int = 2
     read_threads: int = 2
-    prefetch: int = 16
+    prefetch: int = 4                 # batches buffered by the read threads
 
     def __post_init__(self):
         if self.batch_size < 1 or self.resolution < 8:
@@ -87,10 +89,10 @@ def make_dataset(config: InputConfig, tokenizer: Any, *, source: Any = None,
         ds = ds.shuffle()
     ds = ds.repeat(config.num_epochs)  # reseeds the shuffle each epoch
     ds = ds.random_map(DecodeImage(config.resolution, config.crop, config.flip, config.image_dtype))
-    ds = ds[index::count]  # after the augmentation: its randomness is keyed by the global position
     ds = ds.map(TokenizeWithSubjects(tokenizer, config.subject_weight, config.subject_format))
+    ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder)
+    ds = ds[index::count]  # lazy: a host decodes only its own batches, augmentation keyed by global position
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch))
-    it = it.batch(config.batch_size, drop_remainder=config.drop_remainder)
     if config.worker_count > 0:
         _absl_flags_ready()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,

@@ -1,0 +1,365 @@
+"""The SAFE training loop (Domain Fine-tuning): from a config to checkpoints and an exported model.
+
+    result = train(config)        # config: launch/configs/base.py's fields, an ml_collections ConfigDict
+
+The path of one step, top-down: ANCHOR batch (caption ids + subject token weights + image) →
+subject-weighted conditioning → UNet (LoRA merged) → denoising / ReFL loss → AdamW update, all in
+one compiled ``train_step`` (``safe_jax.train_step``). This module is the host side around it:
+the mesh, the input pipeline, resuming from the latest checkpoint, metrics, samples, preemption,
+and the export at the end. Every process runs this same function (multi-host: after
+``jax.distributed.initialize``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safe_jax import lora, rewards, sharding, train_step
+from safe_jax.checkpointing import Checkpointer
+from safe_jax.data import GlobalBatches, InputConfig, make_iterator
+from safe_jax.errors import SafeJaxError
+from safe_jax.metrics import MetricWriter, compiled_flops, device_peak_flops, mfu
+from safe_jax.pipeline import StableDiffusion
+
+log = logging.getLogger(__name__)
+DATA_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    workdir: Path
+    step: int                       # the step reached (== config.steps unless preempted)
+    status: str                     # "finished" or "preempted"
+    export_dir: Path | None
+    metrics_path: Path
+
+
+def train(config: Any) -> TrainResult:
+    """Run (or resume) the training ``config`` describes; see ``launch/configs/base.py``."""
+    workdir = Path(config.workdir)
+    pipe, params = _load_model(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    step_cfg = step_config(config)
+    accumulate = max(int(config.optim.accumulate), 1)
+    tx = train_step.make_optimizer(config.optim.lr, config.optim.warmup_steps // accumulate,
+                                   max(config.steps // accumulate, 1), config.optim.schedule,
+                                   config.optim.weight_decay, config.optim.clip_norm or None, accumulate)
+    reward, reward_params = _load_reward(config) if step_cfg.loss != "denoising" else (None, {})
+
+    # Trainable and frozen trees, sharded FSDP-style over the mesh.
+    if config.mode == "lora":
+        trainable = lora.init_lora(params["unet"], jax.random.key(config.seed), rank=config.lora_rank)
+    else:
+        trainable = params["unet"]
+    frozen = {"text_encoder": params["text_encoder"], "vae": params["vae"],
+              "unet": params["unet"] if config.mode == "lora" else {}, "reward": reward_params}
+    frozen = _put(frozen, sharding.shardings_for(frozen, mesh))
+    trainable = _put(trainable, sharding.shardings_for(trainable, mesh))
+    use_ema = config.optim.ema_decay is not None
+    make_state = lambda p: train_step.init_state(p, tx, seed=config.seed, ema=use_ema)
+    state_sh = sharding.shardings_for(jax.eval_shape(make_state, trainable), mesh)
+    state = jax.jit(make_state, out_shardings=state_sh)(trainable)
+
+    # The input pipeline: every process reads its own part of each global batch.
+    batch_size = _per_host_batch(config, mesh)
+    input_cfg = InputConfig(name=config.data.name, split=config.data.split, data_dir=config.data.data_dir,
+                            resolution=config.data.resolution, crop=config.data.crop, flip=config.data.flip,
+                            batch_size=batch_size, seed=config.seed, subject_weight=config.data.subject_weight,
+                            subject_format=config.data.subject_format, worker_count=config.data.worker_count,
+                            read_threads=config.data.read_threads)
+    data = GlobalBatches(make_iterator(input_cfg, pipe.tokenizer), mesh, DATA_AXES)
+
+    global_batch = batch_size * jax.process_count()
+    example = {"input_ids": jax.ShapeDtypeStruct((global_batch, 77), jnp.int32),
+               "token_weights": jax.ShapeDtypeStruct((global_batch, 77), jnp.float32),
+               "images": jax.ShapeDtypeStruct((global_batch, config.data.resolution, config.data.resolution, 3),
+                                              jnp.float32)}
+    t0 = time.perf_counter()
+    step_fn = train_step.compile_train_step(train_step.make_train_step(pipe, step_cfg, tx, reward),
+                                            state, frozen, example, mesh)
+    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+    flops = compiled_flops(step_fn)
+    peak = config.peak_tflops * 1e12 if config.peak_tflops else device_peak_flops()
+
+    resolved = json.loads(config.to_json())
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+                        best_metric=config.checkpoint.best_metric or None, best_mode=config.checkpoint.best_mode,
+                        async_save=config.checkpoint.async_save)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    restored = ckpt.restore_latest(abstract, data)
+    if restored is not None:
+        state, saved_config, at = restored
+        _warn_config_changes(saved_config, resolved)
+        log.info("resumed from %s at step %d", ckpt.directory, at)
+    start = int(state.step)
+
+    writer = MetricWriter(workdir)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
+        writer.text("config", "```\n" + json.dumps(resolved, indent=2) + "\n```")
+    sampler = _Sampler(pipe, params, config, writer) if config.sample.every else None
+    monitor = _Monitor(config, writer, tx_lr=_lr_schedule(config, accumulate), flops=flops, peak=peak,
+                       images_per_step=global_batch, start=start)
+    status = "finished"
+    with _Preemption() as preemption, ckpt:
+        pending = None  # (step, metrics) of the step in flight: read after the next one is dispatched
+        step = start
+        while step < config.steps:
+            batch = _step_batch(next(data))
+            state, metrics = step_fn(state, frozen, batch)
+            step += 1
+            if pending is not None:
+                monitor.record(*pending)
+            pending = (step, metrics)
+            stop = preemption.requested(step)
+            if step % config.checkpoint.every == 0 or step == config.steps or stop:
+                monitor.record(*pending)  # every step up to here is known finite (or skipped) before a save
+                pending = None
+                ckpt.save(step, state, data, resolved, monitor.interval_means())
+            if sampler and (step % config.sample.every == 0 or step == config.steps):
+                sampler(step, state, frozen)
+            if stop:
+                status = "preempted"
+                log.warning("preempted: saved step %d to %s; run the same command to resume", step, ckpt.directory)
+                break
+        if pending is not None:
+            monitor.record(*pending)
+    monitor.close()
+    data.close()
+
+    export_dir = None
+    if status == "finished" and config.export.enabled:
+        export_dir = Path(config.export.dir or workdir / "export")
+        export(pipe, params, state, frozen, config, export_dir)
+    writer.close()
+    return TrainResult(workdir, int(step), status, export_dir, workdir / "metrics.jsonl")
+
+
+def step_config(config: Any) -> train_step.StepConfig:
+    loss = config.loss
+    alpha = config.lora_alpha
+    return train_step.StepConfig(
+        mode=config.mode, lora_scale=lora.lora_scale(config.lora_rank, alpha) if config.mode == "lora" else 1.0,
+        loss=loss.kind, mix=loss.mix, refl_weight=loss.refl_weight, weighting=loss.weighting,
+        cond_dropout=loss.cond_dropout, min_snr_gamma=loss.min_snr_gamma, refl_steps=loss.refl_steps,
+        refl_step_range=(loss.refl_step_min, loss.refl_step_max), refl_lambda=loss.refl_lambda,
+        refl_grad_scale=loss.refl_grad_scale, ema_decay=config.optim.ema_decay, nan_policy=config.nan_policy)
+
+
+def export(pipe: StableDiffusion, params: dict, state: train_step.TrainState, frozen: dict, config: Any,
+           out_dir: Path) -> Path:
+    """The trained model as a diffusers folder (LoRA merged into the UNet), plus the LoRA file.
+    Every process calls it (sharded values are gathered); process 0 writes."""
+    trained = state.ema if config.export.use_ema and state.ema is not None else state.params
+    trained = _host(trained)
+    if config.mode == "lora":
+        scale = lora.lora_scale(config.lora_rank, config.lora_alpha)
+        unet = lora.merge(_host(frozen["unet"]), trained, scale)
+        lora.save_lora(trained, out_dir, scale=scale, dtype="float16" if config.export.dtype == "float16" else "float32")
+    else:
+        unet = trained
+    pipe.save_pretrained({**params, "unet": jax.tree.map(np.asarray, unet)}, out_dir, dtype=config.export.dtype)
+    log.info("exported to %s", out_dir)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side helpers
+# --------------------------------------------------------------------------------------------
+
+def _load_model(config: Any) -> tuple[StableDiffusion, dict]:
+    dtype = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(config.dtype, "?")
+    if dtype == "?":
+        raise SafeJaxError(f"train: dtype must be float32, bfloat16, float16 or empty, got {config.dtype!r}")
+    return StableDiffusion.from_pretrained(config.model, dtype=dtype, attention_impl=config.attention_impl or None,
+                                           remat_policy=config.remat_policy or None)
+
+
+def _load_reward(config: Any) -> tuple[rewards.Reward, Any]:
+    name, clip = config.reward.name, config.reward.clip
+    kwargs = {"alpha": config.reward.alpha} if name == "dfe" else {}
+    if name in ("clip_score", "pickscore", "clipscore", "dfe") and Path(clip).is_dir():
+        return rewards.load_clip_reward(clip, name, **kwargs)
+    if name in ("clip_score", "pickscore", "clipscore", "dfe"):
+        kwargs["clip"] = clip
+    reward = rewards.make_reward(name, **kwargs)
+    return reward, reward.init_params(config.seed)
+
+
+def _per_host_batch(config: Any, mesh: Any) -> int:
+    b, n = config.data.batch_size, jax.process_count()
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if b % shards or b % n:
+        raise SafeJaxError(f"train: the global batch ({b}) must be a multiple of the data×fsdp devices "
+                           f"({shards}) and of the number of processes ({n})")
+    return b // n
+
+
+def _step_batch(batch: dict) -> dict:
+    return {"input_ids": batch["ids"], "token_weights": batch["weights"], "images": batch["image"]}
+
+
+def _put(tree: Any, shardings: Any) -> Any:
+    """Host values (the same on every process) as global arrays laid out as ``shardings`` say."""
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+    return jax.tree.map(put, tree, shardings)
+
+
+def _host(tree: Any) -> Any:
+    """Global arrays as numpy on every process (a collective when they span processes)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def _lr_schedule(config: Any, accumulate: int):
+    """The learning rate at a train step (for the logs), matching ``make_optimizer``'s schedule."""
+    import optax
+
+    lr, warmup = config.optim.lr, config.optim.warmup_steps // accumulate
+    total = max(config.steps // accumulate, 1)
+    if config.optim.schedule == "cosine":
+        fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), max(total, warmup + 1))
+    else:
+        fn = (lambda s: lr * min(s / warmup, 1.0)) if warmup else (lambda s: lr)
+    return lambda step: float(fn(step // accumulate))
+
+
+def _warn_config_changes(saved: dict, now: dict, prefix: str = "") -> None:
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            _warn_config_changes(a, b, f"{prefix}{key}.")
+        elif a != b and key not in ("steps", "workdir"):
+            log.warning("config.%s%s changed since the checkpoint: %r → %r", prefix, key, a, b)
+
+
+class _Monitor:
+    """Per-step metrics: NaN policy, the progress bar, metrics.jsonl and TensorBoard."""
+
+    def __init__(self, config: Any, writer: MetricWriter, tx_lr, flops, peak, images_per_step: int, start: int):
+        from tqdm.auto import tqdm
+
+        self.config, self.writer, self.lr, self.flops, self.peak = config, writer, tx_lr, flops, peak
+        self.images_per_step = images_per_step
+        self.window: list[dict] = []
+        self.last_time = time.perf_counter()
+        self.skipped = 0
+        self.bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                        disable=jax.process_index() != 0)
+
+    def record(self, step: int, metrics: dict) -> None:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        step_time, self.last_time = now - self.last_time, now
+        if not values.pop("finite"):
+            if self.config.nan_policy == "halt":
+                raise SafeJaxError(f"train: non-finite loss or gradient at step {step} (loss {values['loss']}); "
+                                   "halted before any checkpoint of it. The latest checkpoint is from before it.")
+            self.skipped += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step, self.skipped)
+        values.update(lr=self.lr(step - 1), step_time=step_time, images_per_s=self.images_per_step / step_time,
+                      skipped=self.skipped)
+        util = mfu(self.flops, step_time, self.peak)
+        if util is not None:
+            values["mfu"] = util
+        self.window.append(values)
+        self.writer.scalars(step, values, tensorboard=step % self.config.log_every == 0)
+        shown = {k: f"{values[k]:.4g}" for k in ("loss", "reward") if np.isfinite(values.get(k, np.nan))}
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+        if step % self.config.log_every == 0:
+            means = self.interval_means()
+            text = " ".join(f"{k}={v:.4g}" for k, v in means.items() if k not in ("skipped",))
+            self.bar.write(f"step {step}: {text}")
+            self.window = self.window[-1:]
+
+    def interval_means(self) -> dict:
+        """Means over the steps since the last log line (NaNs, e.g. ReFL metrics on denoising steps, left out)."""
+        keys = {k for v in self.window for k in v}
+        means = {}
+        for key in sorted(keys):
+            vals = [v[key] for v in self.window if key in v and np.isfinite(v[key])]
+            if vals:
+                means[key] = float(np.mean(vals))
+        return means
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.flush()
+
+
+class _Sampler:
+    """Sample grids during training: each prompt without and with subject weighting."""
+
+    def __init__(self, pipe: StableDiffusion, params: dict, config: Any, writer: MetricWriter):
+        from safe_jax.subjects import extract
+
+        self.pipe, self.params, self.config, self.writer = pipe, params, config, writer
+        self.prompts = list(config.sample.prompts)
+        self.subjects = extract(self.prompts, backend="offline", progress=False)
+        self.dir = Path(config.workdir) / "samples"
+
+    def __call__(self, step: int, state: train_step.TrainState, frozen: dict) -> None:
+        trained = _host(state.params)
+        if self.config.mode == "lora":
+            unet = lora.merge(_host(frozen["unet"]), trained,
+                              lora.lora_scale(self.config.lora_rank, self.config.lora_alpha))
+        else:
+            unet = trained
+        if jax.process_index() != 0:
+            return
+        params = {**self.params, "unet": unet}
+        s = self.config.sample
+        kw = dict(num_steps=s.steps, guidance_scale=s.guidance, scheduler=s.scheduler, seed=self.config.seed)
+        plain = self.pipe.generate(params, self.prompts, **kw)
+        weighted = self.pipe.generate(params, self.prompts, subjects=self.subjects,
+                                      subject_weight=self.config.data.subject_weight, **kw)
+        grid = np.concatenate([np.concatenate(list(plain), 1), np.concatenate(list(weighted), 1)], 0)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+        Image.fromarray(grid).save(self.dir / f"step_{step:07d}.png")
+        self.writer.image(step, "samples/top_plain_bottom_subject_weighted", grid)
+
+
+class _Preemption:
+    """SIGTERM → save and stop. One process: our own handler. Several: JAX's preemption sync
+    point, so that every process stops after the same step."""
+
+    def __init__(self):
+        self._flag = False
+        self._previous = None
+
+    def __enter__(self) -> "_Preemption":
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self._flag = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        from jax.experimental import multihost_utils
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # the distributed runtime runs without a preemption service
+            return False
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -12,8 +12,10 @@ what rematerialisation saves on the ReFL step.
     mean brightness on both sides (a CLIP reward would add a third model to port, not to compare).
 (c) peak memory of our ReFL step with ``remat_policy="full"`` against None, each in a fresh
     subprocess: XLA's ``memory_analysis()`` of the compiled step (temp; and arguments + outputs -
-    aliased + temp) and the process's peak RSS during two steps (VmHWM after resetting it once the
-    step is compiled), plus ru_maxrss (which includes compilation).
+    aliased + temp), the process's peak RSS during two steps (VmHWM after resetting it once the
+    step is compiled) and before that (loading + compiling), and XLA's FLOP count (remat must raise
+    it). On XLA:CPU remat saves nothing (see the note printed with the table): the figure that
+    matters is the GPU's, e.g. from benchmarks/gpu_train_step.py --remat.
 
 Both sides load the same weights: ours are drawn by ``init_params``, written with
 ``StableDiffusion.save_pretrained`` to a temporary folder, and loaded from it by both diffusers and
@@ -291,8 +293,6 @@ def _proc_status(key: str) -> int:
 
 def mem_child(args) -> int:
     """In a fresh process: compile our ReFL step (remat or not), report memory_analysis and peak RSS."""
-    import resource
-
     import jax
 
     from safe_jax.pipeline import StableDiffusion
@@ -308,7 +308,11 @@ def mem_child(args) -> int:
         out.update(temp=ma.temp_size_in_bytes, argument=ma.argument_size_in_bytes, output=ma.output_size_in_bytes,
                    alias=ma.alias_size_in_bytes)
         out["peak_est"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    ca = step.cost_analysis()
+    ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})
+    out["flops"] = float(ca.get("flops", float("nan")))  # remat recomputes: more FLOPs, less memory
     state = jax.block_until_ready(state)
+    out["hwm_compile"] = _proc_status("VmHWM")  # peak so far: loading and compiling
     try:  # reset the high-water mark so VmHWM counts the step, not the compilation
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -320,7 +324,7 @@ def mem_child(args) -> int:
         state, metrics = step(state, frozen, batch)
         jax.block_until_ready((state, metrics))
     out["rss_peak"] = _proc_status("VmHWM")
-    out["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # ru_maxrss would be no use here: Linux carries the forking parent's RSS into it across exec.
     print("MEM " + json.dumps(out), flush=True)
     return 0
 
@@ -337,8 +341,27 @@ def run_mem_child(folder, remat, b, refl_steps, j, args):
     out = json.loads(line[0][4:])
     print(f"  remat={remat:5s} batch={b}: " + "  ".join(
         f"{k} {v / 2**20:.1f} MiB" for k, v in out.items() if isinstance(v, int) and not isinstance(v, bool))
+        + f"  {out.get('flops', float('nan')) / 1e9:.1f} GFLOP"
         + f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
     return out
+
+
+def checkpoint_control():
+    """XLA temp bytes of grad of a 16-layer MLP with and without jax.checkpoint on each layer: does
+    this backend turn remat into memory savings at all? (A control for the ReFL figures.)"""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(ws, x, remat):
+        layer = lambda w, x: jnp.tanh(jnp.tanh(x @ w) @ w)
+        layer = jax.checkpoint(layer) if remat else layer
+        for w in ws:
+            x = layer(w, x)
+        return jnp.sum(x)
+
+    ws, x = [jax.ShapeDtypeStruct((512, 512), jnp.float32)] * 16, jax.ShapeDtypeStruct((4096, 512), jnp.float32)
+    temp = lambda r: jax.jit(jax.grad(lambda w, x: loss(w, x, r))).lower(ws, x).compile().memory_analysis()
+    return temp(True).temp_size_in_bytes, temp(False).temp_size_in_bytes
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -448,7 +471,8 @@ def main(argv=None) -> int:
                 print(f"{name:6s} {mb:5d} (a memory run failed)")
                 continue
             rows = [("XLA temp", "temp"), ("XLA args+out-alias+temp", "peak_est"),
-                    ("peak RSS during steps", "rss_peak"), ("peak RSS - RSS before", None), ("ru_maxrss (w/ compile)", "ru_maxrss")]
+                    ("peak RSS during steps", "rss_peak"), ("peak RSS - RSS before", None),
+                    ("peak RSS incl. compile", "hwm_compile")]
             for label, key in rows:
                 if key is None:
                     a, c = full["rss_peak"] - full["rss_before"], none["rss_peak"] - none["rss_before"]
@@ -459,8 +483,14 @@ def main(argv=None) -> int:
                 ratio = a / c if c > 0 else float("nan")
                 verdict = "met" if ratio <= GOAL_REMAT else "NOT met"
                 print(f"{name:6s} {mb:5d} {label:28s} {a / 2**20:9.1f} {c / 2**20:9.1f}  {ratio:5.2f}x {verdict}")
+            f_full, f_none = full.get("flops", float("nan")), none.get("flops", float("nan"))
+            print(f"{name:6s} {mb:5d} {'XLA GFLOP/step (not memory)':28s} {f_full / 1e9:9.1f} {f_none / 1e9:9.1f}  "
+                  f"{f_full / f_none:5.2f}x (> 1: remat recomputes)")
             if not full.get("hwm_reset"):
                 print("  (VmHWM could not be reset: 'peak RSS' includes compilation)")
+        a, c = checkpoint_control()
+        print(f"{'control':6s} {'':5s} {'jax.checkpoint MLP, XLA temp':28s} {a / 2**20:9.1f} {c / 2**20:9.1f}  {a / c:5.2f}x"
+              f"  (backend {jax.default_backend()}: {'remat saves memory here' if a < 0.8 * c else 'remat buys no memory on this backend'})")
     tmp.cleanup()
     return 0
 

@@ -37,7 +37,7 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def all_finite(tree: Any) -> bool:
     """Whether every floating-point value in ``tree`` is finite (one device reduction)."""
-    return bool(_all_finite(tree))
+    return bool(_all_finite(tree).addressable_data(0))  # replicated: every process holds the answer
 
 
 class Checkpointer:

@@ -101,7 +101,7 @@ def train(config: Any) -> TrainResult:
         state, saved_config, at = restored
         _warn_config_changes(saved_config, resolved)
         log.info("resumed from %s at step %d", ckpt.directory, at)
-    start = int(state.step)
+    start = int(_local(state.step))
 
     writer = MetricWriter(workdir)
     if jax.process_index() == 0:
@@ -217,6 +217,11 @@ def _put(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
+def _local(x: jax.Array) -> np.ndarray:
+    """A replicated value, read from this process's own copy (works on every process of a run)."""
+    return np.asarray(x.addressable_data(0))
+
+
 def _host(tree: Any) -> Any:
     """Global arrays as numpy on every process (a collective when they span processes)."""
     if jax.process_count() > 1:
@@ -262,7 +267,7 @@ class _Monitor:
                         disable=jax.process_index() != 0)
 
     def record(self, step: int, metrics: dict) -> None:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values = {k: float(_local(v)) for k, v in metrics.items()}
         now = time.perf_counter()
         step_time, self.last_time = now - self.last_time, now
         if not values.pop("finite"):

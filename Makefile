@@ -22,11 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(VENV)/bin/safe-jax subjects --demo
-	$(VENV)/bin/safe-jax generate --model tiny --subjects auto --subject-weight 1.21 \
-	  --prompt "London's mayor Boris Johnson gives a big thumbs up to photographers during the unveiling of the 2012 Olympic rings on Tower Bridge." \
-	  --prompt "Firefighters pump water from a flooded street in Leeds after the River Aire burst its banks." \
-	  --steps 20 --seed 0 --out out/demo
+	$(VENV)/bin/safe-jax demo --out out/demo
 
 test: install
 	$(PY) -m pytest -n 2 -q tests
@@ -35,6 +31,7 @@ bench: install
 	$(PY) benchmarks/unet_train_step.py
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/subjects_throughput.py
+	$(PY) benchmarks/train_step_vs_torch.py
 
 clean:
 	rm -rf $(VENV) out

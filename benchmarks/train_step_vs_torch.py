@@ -23,9 +23,9 @@ Both sides load the same weights: ours are drawn by ``init_params``, written wit
 Our EMA is off by default (the PyTorch loop has none; --ema adds it to both sides). Sides alternate
 rounds in one process; see benchmarks/unet_train_step.py on noise ("quiet median").
 
-    python benchmarks/train_step_vs_torch.py             # configs tiny (64 px) and mid (142M UNet, 256 px)
-    python benchmarks/train_step_vs_torch.py --quick     # smoke run (~2 min)
-    python benchmarks/train_step_vs_torch.py --configs tiny --refl-step 30 --cpus 1
+    python benchmarks/train_step_vs_torch.py                     # config tiny, ReFL j = 30 of 40 (~4 min)
+    python benchmarks/train_step_vs_torch.py --quick             # smoke run (~4 min, mostly compiling)
+    python benchmarks/train_step_vs_torch.py --configs tiny,mid --cpus 1   # + the 142M UNet (~13 min more)
 
 Configs: ``tiny`` = the ``tiny`` preset at its native 64x64 images (32x32 latents), batch 2.
 ``mid`` = the SD1.5 UNet layout at block_out_channels (128, 256, 512, 512) (142M parameters, as in
@@ -71,7 +71,7 @@ CAPTIONS = [("Boris Johnson on Tower Bridge", ["Boris Johnson"]),
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default=None, help="comma-separated: tiny, mid (default tiny,mid; --quick: tiny)")
+    p.add_argument("--configs", default="tiny", help="comma-separated: tiny, mid")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: per config, tiny 2, mid 1)")
     p.add_argument("--refl-steps", type=int, default=40, help="DDIM steps of the ReFL schedule (ImageReward: 40)")
     p.add_argument("--refl-step", type=int, default=None,
@@ -98,8 +98,6 @@ def parse_args(argv=None):
     p.add_argument("--max-rounds", type=int, default=6)
     p.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)  # "<folder>|<remat>|<batch>|<refl>|<j>"
     args = p.parse_args(argv)
-    if args.configs is None:
-        args.configs = "tiny" if args.quick else "tiny,mid"
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in args.configs:
         if c not in CONFIGS:
@@ -456,6 +454,9 @@ def main(argv=None) -> int:
         del side, pipe, params
 
     # ---- summary
+    if table and all(o[3] == 0 or t[3] == 0 for _, _, o, t in table):
+        print("\nNOTE: no quiet steps: other processes were using these cores. PyTorch's OpenMP threads slow down "
+              "many-fold under such contention (ours far less), so the plain medians flatter us; rerun with --cpus 1.")
     print("\n== summary: seconds per training step (median / quiet median / min; n quiet of n) ==")
     print(f"{'config':6s} {'step':10s} {'ours':>26s} {'PyTorch':>26s}   {'ours/PyTorch':>20s}  goal <= {GOAL_RATIO:.2f}")
     for name, case, o, t in table:

@@ -6,6 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "demo": "SAFE end to end on anchor/sample: subjects, fine-tune tiny, export, grids, report.",
     "generate": "Generate images from prompts with a local checkpoint or preset.",
     "export": "Write a model as a diffusers folder (safetensors, fp32 or fp16).",
     "subjects": "Find the key visual subjects of news captions (LLM or offline) as JSONL.",

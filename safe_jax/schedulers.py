@@ -12,6 +12,7 @@ PyTorch schedulers to float32 rounding.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import json
 import math
 import numbers
@@ -91,6 +92,11 @@ class ScheduleConfig:
             raise SafeJaxError(f"scheduler config must be a JSON object, got {type(cfg).__name__}")
         if cfg.get("trained_betas") is not None:
             raise SafeJaxError("scheduler config: explicit trained_betas are not supported")
+        for key in ("clip_sample", "thresholding"):
+            if cfg.get(key):
+                logging.getLogger(__name__).warning(
+                    "scheduler config: %s=true is ignored; our samplers never clip or threshold x0 (diffusers' "
+                    "%s would, so its images can differ from ours)", key, cfg.get("_class_name", "scheduler"))
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
 

@@ -351,3 +351,13 @@ def test_make_sampler_rejects_bad_arguments():
     zero_eps = S.ScheduleConfig(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     with pytest.raises(SafeJaxError):
         S.make_sampler("ddim", zero_eps, 10)
+
+
+def test_clip_sample_in_a_scheduler_config_is_reported(caplog):
+    import logging
+
+    from safe_jax.schedulers import ScheduleConfig
+
+    with caplog.at_level(logging.WARNING, logger="safe_jax.schedulers"):
+        ScheduleConfig.from_diffusers({"_class_name": "DDIMScheduler", "clip_sample": True, "beta_schedule": "scaled_linear"})
+    assert any("clip_sample=true is ignored" in r.getMessage() for r in caplog.records)

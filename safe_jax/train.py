@@ -51,9 +51,11 @@ def train(config: Any) -> TrainResult:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     step_cfg = step_config(config)
     accumulate = max(int(config.optim.accumulate), 1)
-    tx = train_step.make_optimizer(config.optim.lr, config.optim.warmup_steps // accumulate,
-                                   max(config.steps // accumulate, 1), config.optim.schedule,
-                                   config.optim.weight_decay, config.optim.clip_norm or None, accumulate)
+    schedule = (config.optim.lr, config.optim.warmup_steps // accumulate, max(config.steps // accumulate, 1),
+                config.optim.schedule)  # in optimizer updates: one per `accumulate` train steps
+    tx = train_step.make_optimizer(*schedule, config.optim.weight_decay, config.optim.clip_norm or None, accumulate)
+    lr_fn = train_step.lr_schedule(*schedule)
+    lr_at = lambda step: float(lr_fn(step // accumulate))  # for the logs
     reward, reward_params = _load_reward(config) if step_cfg.loss != "denoising" else (None, {})
 
     # Trainable and frozen trees, sharded FSDP-style over the mesh.
@@ -108,7 +110,7 @@ def train(config: Any) -> TrainResult:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
         writer.text("config", "```\n" + json.dumps(resolved, indent=2) + "\n```")
     sampler = _Sampler(pipe, params, config, writer) if config.sample.every else None
-    monitor = _Monitor(config, writer, tx_lr=_lr_schedule(config, accumulate), flops=flops, peak=peak,
+    monitor = _Monitor(config, writer, tx_lr=lr_at, flops=flops, peak=peak,
                        images_per_step=global_batch, start=start)
     status = "finished"
     with _Preemption() as preemption, ckpt:
@@ -228,19 +230,6 @@ def _host(tree: Any) -> Any:
         from jax.experimental import multihost_utils
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.device_get(tree)
-
-
-def _lr_schedule(config: Any, accumulate: int):
-    """The learning rate at a train step (for the logs), matching ``make_optimizer``'s schedule."""
-    import optax
-
-    lr, warmup = config.optim.lr, config.optim.warmup_steps // accumulate
-    total = max(config.steps // accumulate, 1)
-    if config.optim.schedule == "cosine":
-        fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), max(total, warmup + 1))
-    else:
-        fn = (lambda s: lr * min(s / warmup, 1.0)) if warmup else (lambda s: lr)
-    return lambda step: float(fn(step // accumulate))
 
 
 def _warn_config_changes(saved: dict, now: dict, prefix: str = "") -> None:

@@ -58,17 +58,22 @@ class StepConfig:
                 raise SafeJaxError(f"train: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
+def lr_schedule(lr: float = 1e-4, warmup_steps: int = 0, total_steps: int = 1000,
+                schedule: str = "cosine") -> optax.Schedule:
+    """Learning rate per optimizer update: linear warmup from 0, then cosine decay to 0 or constant."""
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 0), max(total_steps, warmup_steps + 1))
+    if schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
+                                    [warmup_steps]) if warmup_steps else optax.constant_schedule(lr)
+    raise SafeJaxError(f"train: schedule must be cosine or constant, got {schedule!r}")
+
+
 def make_optimizer(lr: float = 1e-4, warmup_steps: int = 0, total_steps: int = 1000, schedule: str = "cosine",
                    weight_decay: float = 1e-2, clip_norm: float | None = 1.0, accumulate: int = 1
                    ) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay or constant, global-norm clipping, accumulation."""
-    if schedule == "cosine":
-        lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 0), max(total_steps, warmup_steps + 1))
-    elif schedule == "constant":
-        lr_fn = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
-                                     [warmup_steps]) if warmup_steps else optax.constant_schedule(lr)
-    else:
-        raise SafeJaxError(f"train: schedule must be cosine or constant, got {schedule!r}")
+    """AdamW on ``lr_schedule``, global-norm clipping, accumulation over ``accumulate`` calls."""
+    lr_fn = lr_schedule(lr, warmup_steps, total_steps, schedule)
     chain = ([optax.clip_by_global_norm(clip_norm)] if clip_norm else []) + [
         optax.adamw(lr_fn, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)]
     tx = optax.chain(*chain)

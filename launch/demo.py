@@ -80,10 +80,10 @@ def run(out: Path, steps: int | None, num_prompts: int) -> int:
 
     say("5/5 writing the report")
     metrics = report.read_metrics(result.metrics_path)
-    loss_png = report.plot_curves(metrics, ["loss", "denoising_loss", "grad_norm", "lr"], out / "loss.png",
-                                  title="Training: denoising steps and all steps", smooth=5)
-    reward_png = report.plot_curves(metrics, ["reward", "refl_loss"], out / "reward.png",
-                                    title="ReFL steps: DFE reward of x̂0 and the ReFL loss", smooth=5)
+    loss_png = report.plot_curves(metrics, ["denoising_loss", "refl_loss"], out / "loss.png",
+                                  title="Losses (denoising on even steps, ReFL on odd steps)", smooth=5)
+    reward_png = report.plot_curves(metrics, ["reward"], out / "reward.png",
+                                    title="ReFL: DFE reward of the one-step prediction x̂0", smooth=5)
     first, last = _interval(metrics, 0), _interval(metrics, -1)
     total = time.perf_counter() - t_start
     subjects_md = "\n".join(f"- {c}\n  - stored: {'; '.join(s) or '—'}\n  - offline now: {'; '.join(f) or '—'}"
@@ -156,3 +156,7 @@ def _before_after(out: Path, config, export_dir: Path, captions, subjects, recor
             table.append({"model": name, "conditioning": cond, "mean reward": float(np.mean(np.asarray(r)))})
     short = [c if len(c) <= 60 else c[:57] + "..." for c in captions]
     return report.image_grid(rows, labels, short, out / "grids.png"), table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

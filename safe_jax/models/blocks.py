@@ -28,35 +28,8 @@ def group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: 
 def conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str,
          stride: int = 1, padding: int | None = None) -> nn.Conv:
     pad = kernel // 2 if padding is None else padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   dtype=dtype, param_dtype=param_dtype, name=name, conv_general_dilated=_conv_general_dilated)
-
-
-# XLA:CPU runs "same" convolutions on tiny feature maps (SD's 4×4 and 8×8 levels, 512–1280
-# channels) at a small fraction of its matmul speed; there, one matmul over the k×k shifted
-# copies of the input is the same sum and several times faster. Elsewhere: XLA's convolution.
-SMALL_CONV_MAX_PIXELS = 64
-_NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-
-
-def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    n, h, w, cin = lhs.shape
-    kh, kw, _, cout = rhs.shape
-    dn = dimension_numbers
-    small_same = (
-        jax.default_backend() == "cpu" and h * w <= SMALL_CONV_MAX_PIXELS and not kwargs
-        and tuple(window_strides) == (1, 1) and feature_group_count == 1 and kh == kw and kh % 2 == 1
-        and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-        and dn is not None and (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == _NHWC_HWIO
-        and tuple(map(tuple, padding)) == ((kh // 2, kh // 2), (kw // 2, kw // 2)))
-    if not small_same:
-        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn,
-                                            feature_group_count, precision=precision, **kwargs)
-    p = kh // 2
-    x = jnp.pad(lhs, ((0, 0), (p, p), (p, p), (0, 0))) if p else lhs
-    shifted = jnp.stack([x[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=3)
-    return jnp.einsum("nhwkc,kco->nhwo", shifted, rhs.reshape(kh * kw, cin, cout), precision=precision)
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def remat(cls, policy: str | None):

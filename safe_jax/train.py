@@ -170,8 +170,12 @@ def export(pipe: StableDiffusion, params: dict, state: train_step.TrainState, fr
         lora.save_lora(trained, out_dir, scale=scale, dtype="float16" if config.export.dtype == "float16" else "float32")
     else:
         unet = trained
-    pipe.save_pretrained({**params, "unet": jax.tree.map(np.asarray, unet)}, out_dir, dtype=config.export.dtype)
-    log.info("exported to %s", out_dir)
+    if jax.process_index() == 0:
+        pipe.save_pretrained({**params, "unet": jax.tree.map(np.asarray, unet)}, out_dir, dtype=config.export.dtype)
+        log.info("exported to %s", out_dir)
+    if jax.process_count() > 1:  # every process returns once the folder is complete
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("safe_jax_export")
     return out_dir
 
 

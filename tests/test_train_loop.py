@@ -149,7 +149,7 @@ def _free_port() -> int:
 def test_two_processes_of_four_devices_equal_one_of_eight(env, tmp_path):
     common = ["--config.mode=full", "--config.reward.name=brightness", "--config.mesh.data=2", "--config.mesh.fsdp=4",
               "--config.data.batch_size=8", "--config.steps=3", "--config.checkpoint.every=3",
-              "--config.checkpoint.best_metric="]
+              "--config.checkpoint.best_metric=", "--config.export.enabled=true"]
     one = _run(env, tmp_path / "one", *common, devices=8)
     assert one.returncode == 0, one.stderr[-3000:]
 
@@ -170,3 +170,12 @@ def test_two_processes_of_four_devices_equal_one_of_eight(env, tmp_path):
     assert int(a["['step']"]) == int(b["['step']"]) == 3
     mu = [k for k in a if k.startswith("['opt_state']") and "mu" in k]
     assert mu and all(np.abs(a[k]).max() > 0 for k in mu)  # the updates were real
+
+    # Both exported the same UNet (process 0 wrote the folder once the values were gathered).
+    from safetensors.numpy import load_file
+    file = "export/unet/diffusion_pytorch_model.safetensors"
+    ea, eb = load_file(str(tmp_path / "one" / file)), load_file(str(tmp_path / "two" / file))
+    assert ea.keys() == eb.keys()
+    diff = np.sqrt(sum(float(np.sum((ea[k] - eb[k]).astype(np.float64) ** 2)) for k in ea))
+    norm = np.sqrt(sum(float(np.sum(ea[k].astype(np.float64) ** 2)) for k in ea))
+    assert diff / norm <= 1e-6

@@ -81,7 +81,7 @@ def run(out: Path, steps: int | None, num_prompts: int) -> int:
     say("5/5 writing the report")
     metrics = report.read_metrics(result.metrics_path)
     loss_png = report.plot_curves(metrics, ["denoising_loss", "refl_loss"], out / "loss.png",
-                                  title="Losses (denoising on even steps, ReFL on odd steps)", smooth=5)
+                                  title="Losses (denoising and ReFL steps alternate)", smooth=5)
     reward_png = report.plot_curves(metrics, ["reward"], out / "reward.png",
                                     title="ReFL: DFE reward of the one-step prediction x̂0", smooth=5)
     first, last = _interval(metrics, 0), _interval(metrics, -1)

@@ -44,7 +44,7 @@ def get_config() -> ConfigDict:
 
     c.loss = ConfigDict()
     c.loss.kind = "both"              # "denoising", "refl" or "both"
-    c.loss.mix = "alternate"          # with "both": "alternate" (ReFL on odd steps) or "weighted"
+    c.loss.mix = "alternate"          # with "both": "alternate" (every second step is ReFL) or "weighted"
     c.loss.refl_weight = 1.0          # with "weighted": denoising + refl_weight · ReFL
     c.loss.weighting = "compel"       # subject weighting of the conditioning: "compel" or "a1111"
     c.loss.cond_dropout = 0.1

@@ -48,6 +48,27 @@ _PREFIX = "text_model."
 _POSITION_IDS = "text_model.embeddings.position_ids"
 
 
+def check_encoder(what: str, hidden_act: str, hidden_size: int, num_attention_heads: int) -> None:
+    """The checks a CLIP tower's config shares (text or vision)."""
+    if hidden_act not in _ACTIVATIONS:
+        raise SafeJaxError(f"{what}: hidden_act '{hidden_act}' is not supported (supported: {', '.join(_ACTIVATIONS)})")
+    if hidden_size % num_attention_heads:
+        raise SafeJaxError(f"{what}: hidden_size {hidden_size} is not a multiple of "
+                           f"num_attention_heads {num_attention_heads}")
+
+
+def split_hf(cls: type, config: Mapping[str, Any], required: tuple[str, ...], what: str) -> tuple[dict, str]:
+    """A transformers config.json dict → (the dataclass ``cls``'s fields, the other keys as JSON,
+    for ``to_hf`` to give back unchanged); a clear error when a required key is missing."""
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise SafeJaxError(f"{what} config lacks {', '.join(missing)}")
+    names = {f.name for f in dataclasses.fields(cls)} - {"hf_extra"}
+    fields = {key: value for key, value in config.items() if key in names}
+    extra = {key: value for key, value in config.items() if key not in names}
+    return fields, json.dumps(extra, sort_keys=True)
+
+
 @dataclass(frozen=True)
 class CLIPTextConfig:
     """The fields of a transformers ``CLIPTextConfig`` that change the forward pass.
@@ -72,29 +93,15 @@ class CLIPTextConfig:
     hf_extra: str = dataclasses.field(default="{}", repr=False, compare=False)
 
     def __post_init__(self):
-        if self.hidden_act not in _ACTIVATIONS:
-            raise SafeJaxError(
-                f"CLIP text encoder: hidden_act '{self.hidden_act}' is not supported "
-                f"(supported: {', '.join(_ACTIVATIONS)})"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise SafeJaxError(
-                f"CLIP text encoder: hidden_size {self.hidden_size} is not a multiple of "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
+        check_encoder("CLIP text encoder", self.hidden_act, self.hidden_size, self.num_attention_heads)
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
         """From a transformers config.json dict; keys we do not use are kept for ``to_hf``."""
-        missing = [key for key in _REQUIRED if key not in config]
-        if missing:
-            raise SafeJaxError(f"CLIP text encoder config lacks {', '.join(missing)}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"hf_extra"}
-        fields = {key: value for key, value in config.items() if key in names}
+        fields, extra = split_hf(cls, config, _REQUIRED, "CLIP text encoder")
         if not isinstance(fields.get("eos_token_id", 0), int):
             raise SafeJaxError(f"CLIP text encoder: eos_token_id must be one id, got {fields['eos_token_id']}")
-        extra = {key: value for key, value in config.items() if key not in names}
-        return cls(**fields, hf_extra=json.dumps(extra, sort_keys=True))
+        return cls(**fields, hf_extra=extra)
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that ``transformers.CLIPTextModel.from_pretrained`` accepts."""

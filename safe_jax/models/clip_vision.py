@@ -80,28 +80,14 @@ class CLIPVisionConfig:
     def __post_init__(self):
         object.__setattr__(self, "image_size", _int_size(self.image_size, "image_size"))
         object.__setattr__(self, "patch_size", _int_size(self.patch_size, "patch_size"))
-        if self.hidden_act not in clip_text._ACTIVATIONS:
-            raise SafeJaxError(
-                f"CLIP vision encoder: hidden_act '{self.hidden_act}' is not supported "
-                f"(supported: {', '.join(clip_text._ACTIVATIONS)})"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise SafeJaxError(
-                f"CLIP vision encoder: hidden_size {self.hidden_size} is not a multiple of "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
+        clip_text.check_encoder("CLIP vision encoder", self.hidden_act, self.hidden_size, self.num_attention_heads)
         if self.patch_size > self.image_size:
             raise SafeJaxError(f"CLIP vision encoder: patch_size {self.patch_size} > image_size {self.image_size}")
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> "CLIPVisionConfig":
-        missing = [key for key in _VISION_REQUIRED if key not in config]
-        if missing:
-            raise SafeJaxError(f"CLIP vision encoder config lacks {', '.join(missing)}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"hf_extra"}
-        fields = {key: value for key, value in config.items() if key in names}
-        extra = {key: value for key, value in config.items() if key not in names}
-        return cls(**fields, hf_extra=json.dumps(extra, sort_keys=True))
+        fields, extra = clip_text.split_hf(cls, config, _VISION_REQUIRED, "CLIP vision encoder")
+        return cls(**fields, hf_extra=extra)
 
     def to_hf(self) -> dict[str, Any]:
         out = {**_VISION_HF_CONSTANTS, **json.loads(self.hf_extra)}

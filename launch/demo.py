@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
+from launch.console import log_to_console
 from launch.errors import one_line_errors
 
 
@@ -26,20 +26,17 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax demo") -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the tiny_safe config's)")
     p.add_argument("--prompts", type=int, default=4, help="validation captions in the image grids")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax", "grain", "tensorflow_datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_to_console()
     return one_line_errors(prog)(run)(args.out, args.steps, args.prompts)
 
 
 def run(out: Path, steps: int | None, num_prompts: int) -> int:
     import jax
-    import numpy as np
 
     from launch.configs import tiny_safe
     from safe_jax import report
     from safe_jax.data import data_source
+    from safe_jax.metrics import finite_means
     from safe_jax.data.source import as_text, as_texts
     from safe_jax.train import train
 
@@ -84,7 +81,8 @@ def run(out: Path, steps: int | None, num_prompts: int) -> int:
                                   title="Losses (denoising and ReFL steps alternate)", smooth=5)
     reward_png = report.plot_curves(metrics, ["reward"], out / "reward.png",
                                     title="ReFL: DFE reward of the one-step prediction x̂0", smooth=5)
-    first, last = _interval(metrics, 0), _interval(metrics, -1)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "step"} for r in rows]
+    first, last = finite_means(strip(metrics[:10])), finite_means(strip(metrics[-10:]))
     total = time.perf_counter() - t_start
     subjects_md = "\n".join(f"- {c}\n  - stored: {'; '.join(s) or '—'}\n  - offline now: {'; '.join(f) or '—'}"
                             for c, s, f in zip(captions, stored, found))
@@ -116,19 +114,6 @@ def run(out: Path, steps: int | None, num_prompts: int) -> int:
     return 0
 
 
-def _interval(metrics: list[dict], which: int, n: int = 10) -> dict:
-    import numpy as np
-
-    rows = metrics[:n] if which == 0 else metrics[-n:]
-    keys = {k for r in rows for k in r if k != "step"}
-    means = {}
-    for key in keys:
-        vals = [r[key] for r in rows if isinstance(r.get(key), float) and np.isfinite(r[key])]
-        if vals:
-            means[key] = float(np.mean(vals))
-    return means
-
-
 def _before_after(out: Path, config, export_dir: Path, captions, subjects, records):
     import jax.numpy as jnp
     import numpy as np
@@ -136,9 +121,9 @@ def _before_after(out: Path, config, export_dir: Path, captions, subjects, recor
     from safe_jax import report
     from safe_jax.data.transforms import load_image
     from safe_jax.pipeline import StableDiffusion
-    from safe_jax.train import _load_reward
+    from safe_jax.train import load_reward
 
-    reward, reward_params = _load_reward(config)
+    reward, reward_params = load_reward(config)
     size = config.data.resolution
     gt = np.stack([np.asarray(load_image(r["image"], size, "center", False, dtype="uint8"), np.float32) for r in records]) / 255.0
     rows, labels, table = [], [], []

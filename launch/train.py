@@ -10,13 +10,13 @@ Re-running a command resumes from its workdir's latest checkpoint.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
+from launch.console import log_to_console
 from launch.errors import one_line_errors
 
 FLAGS = flags.FlagValues()
@@ -64,10 +64,7 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax train") -> int:
     if _CONFIG.value is None:
         print(f"{prog}: error: --config is required (e.g. launch/configs/tiny_safe.py)", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_to_console()
 
     @one_line_errors(prog)
     def run() -> int:

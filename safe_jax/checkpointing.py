@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from safe_jax.errors import SafeJaxError
+from safe_jax.sharding import local_value
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def all_finite(tree: Any) -> bool:
     """Whether every floating-point value in ``tree`` is finite (one device reduction)."""
-    return bool(_all_finite(tree).addressable_data(0))  # replicated: every process holds the answer
+    return bool(local_value(_all_finite(tree)))
 
 
 class Checkpointer:

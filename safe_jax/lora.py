@@ -35,6 +35,7 @@ from flax import traverse_util
 
 from safe_jax.convert import torch_key
 from safe_jax.errors import SafeJaxError
+from safe_jax.sharding import host_copy
 
 # Attention q/k/v/out projections of every transformer block (self- and cross-attention): the
 # targets of the SAFE authors' recipe and of diffusers' train_text_to_image_lora.py.
@@ -152,14 +153,6 @@ def _module_path(name: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def _host(x: Any) -> np.ndarray:
-    """A host copy, gathering a multi-host sharded array (a collective: every process calls it)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def to_diffusers_lora_state_dict(lora_params: Mapping[str, Any], scale: float = 1.0,
                                  prefix: str = "unet") -> dict[str, np.ndarray]:
     """PEFT-format state dict for diffusers' ``load_lora_weights`` (fp32 numpy).
@@ -170,8 +163,8 @@ def to_diffusers_lora_state_dict(lora_params: Mapping[str, Any], scale: float = 
     out = {}
     for mod, (a, b) in sorted(_pairs(lora_params).items()):
         name = f"{prefix}.{_module_name(mod)}" if prefix else _module_name(mod)
-        out[f"{name}.lora_A.weight"] = np.ascontiguousarray(_host(a).astype(np.float32).T)
-        out[f"{name}.lora_B.weight"] = np.ascontiguousarray((_host(b).astype(np.float32) * scale).T)
+        out[f"{name}.lora_A.weight"] = np.ascontiguousarray(host_copy(a).astype(np.float32).T)
+        out[f"{name}.lora_B.weight"] = np.ascontiguousarray((host_copy(b).astype(np.float32) * scale).T)
     return out
 
 

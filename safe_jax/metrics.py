@@ -46,6 +46,17 @@ def compiled_flops(compiled: Any) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def finite_means(rows: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Per key, the mean of the finite numbers in ``rows`` (keys with none are left out): ReFL
+    metrics are NaN/None on denoising steps and must not pull a mean."""
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                values.setdefault(key, []).append(float(value))
+    return {key: float(np.mean(v)) for key, v in sorted(values.items())}
+
+
 def mfu(flops_per_device: float | None, step_time: float, peak: float | None) -> float | None:
     if not flops_per_device or not peak or step_time <= 0:
         return None

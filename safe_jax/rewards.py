@@ -392,12 +392,15 @@ def _dfe(clip: str | CLIPConfig | CLIPModel = "tiny", alpha: float = 1.0, score:
     return _clip_score(clip, score, alpha=alpha, name="dfe", **kwargs)
 
 
+CLIP_REWARDS = ("clip_score", "pickscore", "clipscore", "dfe")  # the rewards a CLIP model computes
+
+
 def load_clip_reward(folder: str | Path, name: str = "clip_score", *, dtype: Any = jnp.float32,
                      param_dtype: Any = jnp.float32, attention_impl: Any = None,
                      remat_policy: str | None = None, **kwargs: Any) -> tuple[CLIPReward, Params]:
     """(reward, params) for a transformers ``CLIPModel`` folder and a CLIP reward ``name``
     (``clip_score``, ``pickscore``, ``clipscore`` or ``dfe``; ``kwargs`` configure it)."""
-    if name not in ("clip_score", "pickscore", "clipscore", "dfe"):
+    if name not in CLIP_REWARDS:
         raise SafeJaxError(f"load_clip_reward: '{name}' is not a CLIP reward (clip_score, pickscore, clipscore, dfe)")
     model, params = load_clip(folder, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                               remat_policy=remat_policy)

@@ -205,6 +205,22 @@ def shardings_for(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = PARA
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def local_value(x: jax.Array) -> np.ndarray:
+    """A replicated value read from this process's own copy (works on every process of a run)."""
+    return np.asarray(x.addressable_data(0))
+
+
+def host_copy(tree: Any) -> Any:
+    """Numpy copies of a tree's arrays, gathering multi-host sharded ones (a collective: every
+    process calls it)."""
+    def copy(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(copy, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over ``data`` × ``fsdp``; other dimensions whole."""
     return NamedSharding(mesh, logical_to_spec(("batch",), mesh))

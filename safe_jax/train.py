@@ -28,7 +28,7 @@ from safe_jax import lora, rewards, sharding, train_step
 from safe_jax.checkpointing import Checkpointer
 from safe_jax.data import GlobalBatches, InputConfig, make_iterator
 from safe_jax.errors import SafeJaxError
-from safe_jax.metrics import MetricWriter, compiled_flops, device_peak_flops, mfu
+from safe_jax.metrics import MetricWriter, compiled_flops, device_peak_flops, finite_means, mfu
 from safe_jax.pipeline import StableDiffusion
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def train(config: Any) -> TrainResult:
     tx = train_step.make_optimizer(*schedule, config.optim.weight_decay, config.optim.clip_norm or None, accumulate)
     lr_fn = train_step.lr_schedule(*schedule)
     lr_at = lambda step: float(lr_fn(step // accumulate))  # for the logs
-    reward, reward_params = _load_reward(config) if step_cfg.loss != "denoising" else (None, {})
+    reward, reward_params = load_reward(config) if step_cfg.loss != "denoising" else (None, {})
 
     # Trainable and frozen trees, sharded FSDP-style over the mesh.
     if config.mode == "lora":
@@ -103,7 +103,7 @@ def train(config: Any) -> TrainResult:
         state, saved_config, at = restored
         _warn_config_changes(saved_config, resolved)
         log.info("resumed from %s at step %d", ckpt.directory, at)
-    start = int(_local(state.step))
+    start = int(sharding.local_value(state.step))
 
     writer = MetricWriter(workdir)
     if jax.process_index() == 0:
@@ -149,9 +149,8 @@ def train(config: Any) -> TrainResult:
 
 def step_config(config: Any) -> train_step.StepConfig:
     loss = config.loss
-    alpha = config.lora_alpha
     return train_step.StepConfig(
-        mode=config.mode, lora_scale=lora.lora_scale(config.lora_rank, alpha) if config.mode == "lora" else 1.0,
+        mode=config.mode, lora_scale=_lora_scale(config),
         loss=loss.kind, mix=loss.mix, refl_weight=loss.refl_weight, weighting=loss.weighting,
         cond_dropout=loss.cond_dropout, min_snr_gamma=loss.min_snr_gamma, refl_steps=loss.refl_steps,
         refl_step_range=(loss.refl_step_min, loss.refl_step_max), refl_lambda=loss.refl_lambda,
@@ -162,16 +161,13 @@ def export(pipe: StableDiffusion, params: dict, state: train_step.TrainState, fr
            out_dir: Path) -> Path:
     """The trained model as a diffusers folder (LoRA merged into the UNet), plus the LoRA file.
     Every process calls it (sharded values are gathered); process 0 writes."""
-    trained = state.ema if config.export.use_ema and state.ema is not None else state.params
-    trained = _host(trained)
+    trained = sharding.host_copy(state.ema if config.export.use_ema and state.ema is not None else state.params)
     if config.mode == "lora":
-        scale = lora.lora_scale(config.lora_rank, config.lora_alpha)
-        unet = lora.merge(_host(frozen["unet"]), trained, scale)
-        lora.save_lora(trained, out_dir, scale=scale, dtype="float16" if config.export.dtype == "float16" else "float32")
-    else:
-        unet = trained
+        lora.save_lora(trained, out_dir, scale=_lora_scale(config),
+                       dtype="float16" if config.export.dtype == "float16" else "float32")
+    unet = trained_unet(trained, frozen, config)
     if jax.process_index() == 0:
-        pipe.save_pretrained({**params, "unet": jax.tree.map(np.asarray, unet)}, out_dir, dtype=config.export.dtype)
+        pipe.save_pretrained({**params, "unet": unet}, out_dir, dtype=config.export.dtype)
         log.info("exported to %s", out_dir)
     if jax.process_count() > 1:  # every process returns once the folder is complete
         from jax.experimental import multihost_utils
@@ -191,12 +187,22 @@ def _load_model(config: Any) -> tuple[StableDiffusion, dict]:
                                            remat_policy=config.remat_policy or None)
 
 
-def _load_reward(config: Any) -> tuple[rewards.Reward, Any]:
+def trained_unet(trained: Any, frozen: dict, config: Any) -> Any:
+    """The UNet parameters as numpy on every process: ``trained`` (host values of the state's
+    params or EMA) itself, or merged into the frozen base UNet in LoRA mode."""
+    if config.mode != "lora":
+        return trained
+    merged = lora.merge(sharding.host_copy(frozen["unet"]), trained, _lora_scale(config))
+    return jax.tree.map(np.asarray, merged)
+
+
+def load_reward(config: Any) -> tuple[rewards.Reward, Any]:
+    """(reward, its parameters) as ``config.reward`` describes: a CLIP folder, a preset or a pixel reward."""
     name, clip = config.reward.name, config.reward.clip
     kwargs = {"alpha": config.reward.alpha} if name == "dfe" else {}
-    if name in ("clip_score", "pickscore", "clipscore", "dfe") and Path(clip).is_dir():
+    if name in rewards.CLIP_REWARDS and Path(clip).is_dir():
         return rewards.load_clip_reward(clip, name, **kwargs)
-    if name in ("clip_score", "pickscore", "clipscore", "dfe"):
+    if name in rewards.CLIP_REWARDS:
         kwargs["clip"] = clip
     reward = rewards.make_reward(name, **kwargs)
     return reward, reward.init_params(config.seed)
@@ -223,17 +229,8 @@ def _put(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
-def _local(x: jax.Array) -> np.ndarray:
-    """A replicated value, read from this process's own copy (works on every process of a run)."""
-    return np.asarray(x.addressable_data(0))
-
-
-def _host(tree: Any) -> Any:
-    """Global arrays as numpy on every process (a collective when they span processes)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
+def _lora_scale(config: Any) -> float:
+    return lora.lora_scale(config.lora_rank, config.lora_alpha) if config.mode == "lora" else 1.0
 
 
 def _warn_config_changes(saved: dict, now: dict, prefix: str = "") -> None:
@@ -260,7 +257,7 @@ class _Monitor:
                         disable=jax.process_index() != 0)
 
     def record(self, step: int, metrics: dict) -> None:
-        values = {k: float(_local(v)) for k, v in metrics.items()}
+        values = {k: float(sharding.local_value(v)) for k, v in metrics.items()}
         now = time.perf_counter()
         step_time, self.last_time = now - self.last_time, now
         if not values.pop("finite"):
@@ -287,13 +284,7 @@ class _Monitor:
 
     def interval_means(self) -> dict:
         """Means over the steps since the last log line (NaNs, e.g. ReFL metrics on denoising steps, left out)."""
-        keys = {k for v in self.window for k in v}
-        means = {}
-        for key in sorted(keys):
-            vals = [v[key] for v in self.window if key in v and np.isfinite(v[key])]
-            if vals:
-                means[key] = float(np.mean(vals))
-        return means
+        return finite_means(self.window)
 
     def close(self) -> None:
         self.bar.close()
@@ -312,12 +303,7 @@ class _Sampler:
         self.dir = Path(config.workdir) / "samples"
 
     def __call__(self, step: int, state: train_step.TrainState, frozen: dict) -> None:
-        trained = _host(state.params)
-        if self.config.mode == "lora":
-            unet = lora.merge(_host(frozen["unet"]), trained,
-                              lora.lora_scale(self.config.lora_rank, self.config.lora_alpha))
-        else:
-            unet = trained
+        unet = trained_unet(sharding.host_copy(state.params), frozen, self.config)
         if jax.process_index() != 0:
             return
         params = {**self.params, "unet": unet}

@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 from launch.console import log_to_console
-from launch.errors import one_line_errors
+from launch.errors import ArgumentParser, int_at_least, one_line_errors, output_dir
 
 
 def main(argv: list[str] | None = None, prog: str = "safe-jax demo") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("out/demo"))
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the tiny_safe config's)")
-    p.add_argument("--prompts", type=int, default=4, help="validation captions in the image grids")
+    p = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=output_dir, default="out/demo")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="training steps (default: the tiny_safe config's)")
+    p.add_argument("--prompts", type=int_at_least(1), default=4, help="validation captions in the image grids")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     log_to_console()
     return one_line_errors(prog)(run)(args.out, args.steps, args.prompts)

@@ -7,37 +7,46 @@ import json
 import re
 import sys
 import time
-from pathlib import Path
 
-from launch.errors import one_line_errors
+from launch.errors import ArgumentParser, float_in, int_at_least, multiple_of, one_line_errors, output_dir
+
+MAX_SEED = 2 ** 32 - 1
 
 
 def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p = ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--model", default="tiny", help="a local diffusers folder, or a preset: tiny, sd15, sd21, sd21-base")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several images")
     p.add_argument("--negative-prompt", default="", help="one negative prompt for all images")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int_at_least(1), default=50)
+    p.add_argument("--guidance", type=float_in(0.0), default=7.5, help="classifier-free guidance scale (≤ 1: none)")
     p.add_argument("--scheduler", default="ddim", choices=("ddim", "euler_a", "dpm++2m"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4, help="prompts per compiled call")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="image i (0, 1, … in prompt order) uses seed + i, written in its PNG; the same prompt "
+                        "with that seed alone draws it again, whatever the batch size")
+    p.add_argument("--height", type=multiple_of(8), default=None, help="pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=multiple_of(8), default=None, help="pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=4, help="prompts per compiled call")
+    p.add_argument("--init-seed", type=int_at_least(0), default=0,
+                   help="the random weights of a preset (tiny, sd15, ...); unused for a folder")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: bf16 on GPU/TPU)")
-    p.add_argument("--out", type=Path, default=Path("out/generate"))
+    p.add_argument("--out", type=output_dir, default="out/generate", help="a directory (created if needed)")
     s = p.add_argument_group("subject conditioning (SAFE)")
     s.add_argument("--subjects", action="append", default=None,
                    help="'auto' (an LLM or offline extractor, safe_jax.subjects), 'none', or phrases separated by "
                         "';'; give once for all prompts or once per prompt")
-    s.add_argument("--subject-weight", type=float, default=1.21, help="weight of the subject tokens (1.1² = Compel's ++)")
+    s.add_argument("--subject-weight", type=float_in(0.0, low_open=True), default=1.21,
+                   help="weight of the subject tokens (1.1² = Compel's ++)")
     s.add_argument("--weighting", choices=("compel", "a1111"), default="compel",
                    help="compel: z∅ + w(z − z∅); a1111: z·w with the mean restored")
     s.add_argument("--subject-format", default="plain",
                    help="plain, prefix ('A photo of s1, s2. <caption>'), or a template with {subjects} and {caption}")
     s.add_argument("--prompt-syntax", choices=("none", "compel", "a1111"), default="none",
                    help="read hand-written weights in the prompts, e.g. (Boris Johnson)++ or (Boris Johnson:1.21)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.seed + len(args.prompt) - 1 > MAX_SEED:
+        p.error(f"argument --seed: seed + number of prompts - 1 must be ≤ {MAX_SEED}, got {args.seed + len(args.prompt) - 1}")
+    return args
 
 
 def resolve_subjects(specs: list[str] | None, prompts: list[str]) -> list[list[str]] | None:
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax generate") -> int:
 
         t0 = time.perf_counter()
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
-        pipe, params = StableDiffusion.from_pretrained(args.model, dtype=dtype, seed=args.seed)
+        pipe, params = StableDiffusion.from_pretrained(args.model, dtype=dtype, seed=args.init_seed)
         print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         prompts = args.prompt
         subjects = resolve_subjects(args.subjects, prompts)
@@ -110,15 +119,16 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax generate") -> int:
             for start in range(0, len(prompts), args.batch_size):
                 chunk = prompts[start:start + args.batch_size]
                 chunk_subjects = None if subjects is None else subjects[start:start + args.batch_size]
-                seed = args.seed + start
+                seed = args.seed + start  # image start + j gets seed + j: its own seed, whatever the batching
                 images = pipe.generate(params, chunk, negative_prompts=args.negative_prompt, num_steps=args.steps,
                                        guidance_scale=args.guidance, scheduler=args.scheduler, seed=seed,
                                        height=args.height, width=args.width, subjects=chunk_subjects, **weighting)
                 for j, (prompt, image) in enumerate(zip(chunk, images)):
                     settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "model": str(args.model),
                                 "steps": args.steps, "guidance_scale": args.guidance, "scheduler": args.scheduler,
-                                "seed": seed, "batch_index": j, "height": int(image.shape[0]),
-                                "width": int(image.shape[1]), "dtype": args.dtype or "default"}
+                                "seed": seed + j, "index": start + j, "height": int(image.shape[0]),
+                                "width": int(image.shape[1]), "dtype": args.dtype or "default",
+                                "init_seed": args.init_seed}
                     if chunk_subjects is not None or syntax is not None:
                         settings.update(weighting, subjects=None if chunk_subjects is None else chunk_subjects[j])
                     info = PngImagePlugin.PngInfo()

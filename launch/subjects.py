@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from launch.errors import one_line_errors
+from launch.errors import ArgumentParser, float_in, int_at_least, one_line_errors, output_file
 
 DEMO_CAPTIONS = [
     "London's mayor Boris Johnson gives a big thumbs up to photographers during the unveiling of the "
@@ -28,7 +28,7 @@ DEMO_CAPTIONS = [
 
 
 def main(argv: list[str] | None = None, prog: str = "safe-jax subjects") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--in", dest="inp", metavar="PATH", help="input JSONL ('-' for stdin)")
     p.add_argument("--out", metavar="PATH", help="output JSONL ('-' for stdout), written atomically")
     p.add_argument("--demo", action="store_true", help="print subjects of a few built-in captions and exit")
@@ -39,12 +39,12 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax subjects") -> int:
     p.add_argument("--batch-api", action="store_true", help="use the Batch API (cheaper, up to 24 h)")
     p.add_argument("--cache", type=Path, help="SQLite answer cache (default: $XDG_CACHE_HOME/safe_jax/subjects.sqlite)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight at most (default 16)")
-    p.add_argument("--rate", type=float, default=10.0, help="requests started per second at most; 0: no limit (default 10)")
-    p.add_argument("--max-retries", type=int, default=6, help="retries per caption on 429/5xx/timeouts (default 6)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    p.add_argument("--poll-interval", type=float, default=30.0, help="seconds between Batch API polls (default 30)")
-    p.add_argument("--max-subjects", type=int, default=6)
+    p.add_argument("--concurrency", type=int_at_least(1), default=16, help="requests in flight at most (default 16)")
+    p.add_argument("--rate", type=float_in(0.0), default=10.0, help="requests started per second at most; 0: no limit (default 10)")
+    p.add_argument("--max-retries", type=int_at_least(0), default=6, help="retries per caption on 429/5xx/timeouts (default 6)")
+    p.add_argument("--timeout", type=float_in(0.0, low_open=True), default=60.0, help="seconds per request (default 60)")
+    p.add_argument("--poll-interval", type=float_in(0.0, low_open=True), default=30.0, help="seconds between Batch API polls (default 30)")
+    p.add_argument("--max-subjects", type=int_at_least(1), default=6)
     p.add_argument("--response-format", choices=("json_schema", "json_object", "none"), default="json_schema",
                    help="json_object/none for servers without JSON-schema support")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax subjects") -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.demo and (not args.inp or not args.out):
         p.error("--in and --out are required (or --demo)")
+    if args.out and args.out != "-":
+        try:
+            output_file(args.out)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"argument --out: {e}")
 
     @one_line_errors(prog)
     def run() -> int:

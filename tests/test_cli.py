@@ -24,7 +24,8 @@ def test_generate_writes_pngs_with_settings(tmp_path):
     assert image.size == (64, 64) and image.mode == "RGB"
     settings = json.loads(image.text["parameters"])
     assert settings["prompt"] == "A minister at a podium"
-    assert (settings["steps"], settings["seed"], settings["scheduler"], settings["batch_index"]) == (3, 4, "euler_a", 1)
+    # Image i of a run gets seed + i: its own seed, replayable alone (tests/test_generate_seeds.py).
+    assert (settings["steps"], settings["seed"], settings["scheduler"], settings["index"]) == (3, 5, "euler_a", 1)
     assert "generating" in res.stderr  # the progress bar
 
 

@@ -21,11 +21,13 @@ def data_source(name: str = "anchor/sample", split: str = "train", data_dir: str
     """
     import tensorflow_datasets as tfds
 
-    import tfds_anchor  # noqa: F401  registers the anchor builder
+    import tfds_anchor  # registers the anchor builder
 
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=download,
                                 decoders={"image": tfds.decode.SkipDecoding()})
+    except tfds_anchor.NoRecordKept as e:  # its message names the reasons and the build report
+        raise SafeJaxError(str(e)) from e
     except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError) as e:
         raise SafeJaxError(f"cannot open the data source {name!r} split {split!r}: {e}") from e
 

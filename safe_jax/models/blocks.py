@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from safe_jax.errors import SafeJaxError
 from safe_jax.models.attention_ops import AttentionImpl, multi_head_attention
@@ -81,16 +82,33 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x, then a conv."""
+    """Nearest-neighbour upsampling, then a conv.
+
+    ``size`` (H, W) is the skip connection's size: 2x the input, except where a latent side is not
+    a multiple of the UNet's total downsampling (stride-2 convs round up, so 60 → 30 → 15 → 8 must
+    come back as 8 → 15). There, like diffusers (``upsample_size``), it is torch's "nearest" rule
+    ``src = floor(dst · in / out)``.
+    """
 
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        h, w = x.shape[1:3]
+        if size is None or tuple(size) == (2 * h, 2 * w):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            x = jnp.take(jnp.take(x, _nearest_index(h, size[0]), axis=1), _nearest_index(w, size[1]), axis=2)
         return conv(self.out_channels, 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """torch.nn.functional.interpolate(mode="nearest", size=n_out)'s source rows: the scale is a
+    float32 ``n_in / n_out``, the index ``min(floor(i · scale), n_in − 1)``."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
 
 
 class Attention(nn.Module):

@@ -87,9 +87,10 @@ class StableDiffusion:
         for name in COMPONENTS:
             if name not in index:
                 raise SafeJaxError(f"{root / 'model_index.json'} lists no '{name}': not a Stable Diffusion pipeline folder")
-        unet_cfg = UNetConfig.from_diffusers(io.read_json(root / "unet" / "config.json"))
-        vae_cfg = VAEConfig.from_diffusers(io.read_json(root / "vae" / "config.json"))
-        text_cfg = clip_text.CLIPTextConfig.from_hf(io.read_json(root / "text_encoder" / "config.json"))
+        config = lambda name: (io.read_json(root / name / "config.json"), str(root / name / "config.json"))
+        unet_cfg = UNetConfig.from_diffusers(*config("unet"))
+        vae_cfg = VAEConfig.from_diffusers(*config("vae"))
+        text_cfg = clip_text.CLIPTextConfig.from_hf(*config("text_encoder"))
         scheduler_config = io.read_json(root / "scheduler" / "scheduler_config.json")
         pipe = cls(
             unet=UNet2DConditionModel(unet_cfg, attention_impl, remat_policy, **kw),
@@ -100,15 +101,19 @@ class StableDiffusion:
             scheduler_config=scheduler_config,
         )
         if unet_cfg.cross_attention_dim != text_cfg.hidden_size:
-            raise SafeJaxError(f"unet cross_attention_dim {unet_cfg.cross_attention_dim} does not match "
+            raise SafeJaxError(f"{root}: unet cross_attention_dim {unet_cfg.cross_attention_dim} does not match "
                                f"text_encoder hidden_size {text_cfg.hidden_size}")
         abstract = pipe.abstract_params()
         params = {
             "unet": torch_to_flax(io.load_state_dict(root / "unet", variant), abstract["unet"], what="unet"),
             "vae": torch_to_flax(io.load_state_dict(root / "vae", variant), abstract["vae"], what="vae"),
-            "text_encoder": clip_text.from_hf_state_dict(io.load_state_dict(root / "text_encoder", variant),
-                                                         pipe.text_encoder),
         }
+        text_state = io.load_state_dict(root / "text_encoder", variant)
+        params["text_encoder"] = clip_text.from_hf_state_dict(text_state, pipe.text_encoder)
+        # Remember how the text encoder's keys were spelled (hub "text_model.…" or transformers 5's
+        # unprefixed keys), so that save_pretrained writes them back the same way.
+        text_cfg = dataclasses.replace(text_cfg, state_dict_prefix=clip_text.state_dict_prefix(text_state))
+        pipe = dataclasses.replace(pipe, text_encoder=pipe.text_encoder.clone(config=text_cfg))
         return pipe, params
 
     # ------------------------------------------------------------------ parameters
@@ -168,7 +173,9 @@ class StableDiffusion:
         io.write_json(out / "vae" / "config.json", self.vae.config.to_diffusers())
         io.save_state_dict(flax_to_torch(params["vae"]), out / "vae" / "diffusion_pytorch_model.safetensors", dtype)
         io.write_json(out / "text_encoder" / "config.json", self.text_encoder.config.to_hf())
-        io.save_state_dict(clip_text.to_hf_state_dict(params["text_encoder"]), out / "text_encoder" / "model.safetensors", dtype)
+        # Keys spelled as the loaded checkpoint spelled them (transformers 5's unprefixed style for presets).
+        text_state = clip_text.to_hf_state_dict(params["text_encoder"], self.text_encoder.config.state_dict_prefix)
+        io.save_state_dict(text_state, out / "text_encoder" / "model.safetensors", dtype)
         tok.save_tokenizer(self.tokenizer, out / "tokenizer")
         io.write_json(out / "scheduler" / "scheduler_config.json", self.scheduler_config)
         io.write_json(out / "model_index.json", {
@@ -260,6 +267,7 @@ class StableDiffusion:
         height: int | None = None,
         width: int | None = None,
         latents_layout: str = "auto",
+        seeds: Sequence[int] | None = None,
         subjects: Sequence[Sequence[str]] | None = None,
         subject_weight: float = cond.DEFAULT_WEIGHT,
         weighting: str = "compel",
@@ -272,6 +280,13 @@ class StableDiffusion:
         weight the prompts' tokens as in ``encode_prompt``; negative prompts stay unweighted.
         Weights are arrays, so prompts and weights change without recompiling (Compel's w < 1
         blend compiles once per count of down-weighted fragments).
+
+        Every image's randomness (its initial noise and, for euler_a, the noise of each step)
+        comes from its own seed alone, like diffusers with one generator per image: image ``i``
+        uses ``seeds[i]``, by default ``seed + i``. So an image does not depend on the other
+        prompts, on the batch size or on the device count, and ``generate(params, prompt_i,
+        seed=seed + i)`` draws it again. ``height`` and ``width`` are any multiple of the VAE's
+        downscale (8 for SD), as in diffusers.
 
         ``latents`` is the initial unit-variance noise, [B, 4, h, w] (NCHW, as diffusers takes it)
         or [B, h, w, 4] (NHWC), h = H / 8 for SD; like diffusers, it is multiplied by the
@@ -294,15 +309,21 @@ class StableDiffusion:
         _check_weighting(weighting)
         tw = self.token_weights(prompts, subjects, subject_weight, subject_format, prompt_syntax)
         num_downweighted = cond.count_downweighted(tw.weights) if weighting == "compel" else 0
-        height, width = height or self.default_size, width or self.default_size
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
         f = self.vae.config.downscale
-        multiple = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if height % multiple or width % multiple:
-            raise SafeJaxError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+        for name, size in (("height", height), ("width", width)):
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < f or size % f:
+                raise SafeJaxError(f"generate: {name} must be a positive multiple of {f}, got {size!r}")
         b, c = len(prompts), self.unet.config.in_channels
+        seeds = image_seeds(seed, b) if seeds is None else np.asarray(seeds, np.int64)
+        if seeds.shape != (b,):
+            raise SafeJaxError(f"generate: {len(prompts)} prompts but {seeds.size} seeds")
+        if seeds.min() < 0 or seeds.max() >= 2 ** 32:
+            raise SafeJaxError(f"generate: seeds must lie in [0, 2**32), got {seeds.min()}..{seeds.max()}")
         shape = (b, height // f, width // f, c)
         noise = (self._to_nhwc(latents, shape, latents_layout) if latents is not None
-                 else np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32)))
+                 else initial_noise(seeds, shape[1:]))
 
         mesh = Mesh(np.array(jax.local_devices()), ("data",))
         pad = -b % mesh.size  # pad the batch to a multiple of the device count
@@ -311,10 +332,10 @@ class StableDiffusion:
         cond_ids, cond_weights = (jax.device_put(padded(x), batch) for x in tw)
         uncond = jax.device_put(padded(self.tokenize(negative_prompts)), batch)
         noise = jax.device_put(padded(noise), batch)
+        step_keys = jax.device_put(padded(np.asarray(jax.random.key_data(_step_keys(seeds)))), batch)
         params = jax.device_put(params, NamedSharding(mesh, P()))
         fn = self._sampling_fn(scheduler, num_steps, guidance_scale > 1.0, mesh, weighting, num_downweighted)
-        images = fn(params, cond_ids, cond_weights, uncond, noise, jnp.float32(guidance_scale),
-                    jax.random.key(seed + 1))
+        images = fn(params, cond_ids, cond_weights, uncond, noise, jnp.float32(guidance_scale), step_keys)
         return np.asarray(images)[:b]
 
     @staticmethod
@@ -338,7 +359,7 @@ class StableDiffusion:
         vae_cfg = self.vae.config
         replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
-        def sample(params, cond_ids, cond_weights, uncond_ids, noise, guidance, key):
+        def sample(params, cond_ids, cond_weights, uncond_ids, noise, guidance, step_keys):
             text_params = params["text_encoder"]
             context = self.conditioning(text_params, cond_ids, cond_weights, weighting, num_downweighted)
             if use_cfg:  # the unconditional / negative embedding is never weighted
@@ -355,15 +376,40 @@ class StableDiffusion:
                 if use_cfg:
                     out_uncond, out_cond = jnp.split(out, 2)
                     out = out_uncond + guidance * (out_cond - out_uncond)
-                return sampler.step(state, out, i, x, jax.random.fold_in(key, i))
+                noise = None
+                if sampler.name == "euler_a":  # each image's own draw, whatever the batch
+                    keys = jax.random.wrap_key_data(step_keys)
+                    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(keys)
+                return sampler.step(state, out, i, x, noise=noise)
 
             x, _ = jax.lax.fori_loop(0, num_steps, body, (x, sampler.init_state(x)))
             z = x / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
             image = self.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode).astype(jnp.float32)
             return jnp.round(jnp.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
-        return jax.jit(sample, in_shardings=(replicated, batch, batch, batch, batch, replicated, replicated),
+        return jax.jit(sample, in_shardings=(replicated, batch, batch, batch, batch, replicated, batch),
                        out_shardings=batch)
+
+
+def image_seeds(seed: int, n: int) -> np.ndarray:
+    """The seed of each of ``n`` images drawn together from ``seed``: ``seed + i``, which is what
+    a PNG records and what replays one image alone."""
+    return np.arange(n, dtype=np.int64) + int(seed)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+def initial_noise(seeds: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Unit-variance starting latents [B, *shape], row ``i`` from ``seeds[i]`` alone."""
+    return np.asarray(_noise(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)), tuple(shape)))
+
+
+def _step_keys(seeds: np.ndarray) -> jax.Array:
+    """Per-image keys for the ancestral sampler's step noise, apart from the initial noise's."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, 1 << 30))(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)))
 
 
 def _check_weighting(weighting: str) -> None:

@@ -11,8 +11,49 @@ def rel_l2(ours, ref) -> float:
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
-def torch_pipeline(preset: str = "tiny", prediction_type: str = "epsilon", seed: int = 0):
-    """A diffusers StableDiffusionPipeline with random weights and our preset's architecture."""
+def ulp_distance_f32(a, b) -> np.ndarray:
+    """How many float32 values lie between a and b, elementwise (0 when equal, +0 and -0 equal).
+
+    Both sides are rounded to float32 first. The bit patterns are mapped to integers that are
+    ordered like the floats, so the distance is scale-free and well defined across zero.
+    """
+
+    def ordered(x):
+        bits = np.asarray(x, np.float32).view(np.int32).astype(np.int64)
+        return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+
+    return np.abs(ordered(a) - ordered(b))
+
+
+def assert_close_f32(ours, ref, ulps: int = 4, err_msg: str = "") -> None:
+    """Assert that float32 values computed by two libraries agree to within `ulps` float32 ulps.
+
+    Use this, not ==, assert_array_equal or a tiny rtol, when the same float32 formula is
+    evaluated independently by torch, numpy and/or XLA. Their last bits depend on the machine:
+    torch picks its CPU kernels at run time (ATEN_CPU_CAPABILITY: default / AVX2 / AVX-512, with
+    different vectorised pow/sqrt/exp, fused multiply-adds and reduction orders), and XLA's CPU
+    backend does the same for the instruction set it targets (--xla_cpu_max_isa). Exact equality
+    would test the CPU, not our code; a few ulps is still far tighter than any real bug (a wrong
+    formula or a float64/float32 mix-up is off by hundreds of ulps or more). Comparisons of our
+    code with itself (resume, export round trips, determinism) stay exact and do not use this.
+    NaNs must sit at the same places; infinities must be equal.
+    """
+    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+    assert ours.shape == ref.shape, f"shape {ours.shape} != {ref.shape}. {err_msg}"
+    nan_ours, nan_ref = np.isnan(ours), np.isnan(ref)
+    assert np.array_equal(nan_ours, nan_ref), f"NaNs at different places. {err_msg}"
+    dist = np.where(nan_ours, 0, ulp_distance_f32(ours, ref))
+    if dist.size and dist.max() > ulps:
+        worst = np.unravel_index(np.argmax(dist), dist.shape)
+        raise AssertionError(
+            f"{int((dist > ulps).sum())} of {dist.size} float32 values differ by more than {ulps} ulps; "
+            f"worst {int(dist.max())} ulps at {worst}: {ours[worst]!r} vs {ref[worst]!r}. {err_msg}"
+        )
+
+
+def torch_pipeline(preset: str = "tiny", prediction_type: str = "epsilon", seed: int = 0, **components):
+    """A diffusers StableDiffusionPipeline with random weights and our preset's architecture
+    (``components``, e.g. ``vae={...}``, replace the preset's configs)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -22,7 +63,7 @@ def torch_pipeline(preset: str = "tiny", prediction_type: str = "epsilon", seed:
     from safe_jax.models.unet import UNetConfig
     from safe_jax.models.vae import VAEConfig
 
-    spec = presets.preset(preset)
+    spec = dict(presets.preset(preset), **components)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(UNetConfig.from_diffusers(spec["unet"]).to_diffusers())
     vae = AutoencoderKL.from_config(VAEConfig.from_diffusers(spec["vae"]).to_diffusers())

@@ -18,7 +18,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from tfds_anchor.anchor import images, manual, synthetic  # noqa: E402
 from tfds_anchor.anchor.anchor_dataset_builder import AnchorConfig, Builder  # noqa: E402
-from tfds_anchor.anchor.report import BuildReport, read_report  # noqa: E402
+from tfds_anchor.anchor.report import BuildReport, NoRecordKept, read_report  # noqa: E402
 from tfds_anchor.anchor.sources import normalise_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +187,9 @@ def test_bad_records_are_counted_and_good_ones_kept(tmp_path, monkeypatch, capsy
     assert report["skipped_examples"]["truncated_image"] == ["bad-truncated"]
     printed = capsys.readouterr().out
     assert "skipped      1  too_large_image" in printed and "kept 8" in printed
+    # The report's path is the final one, not the temporary build directory TFDS renamed.
+    assert builder.report_path == builder.data_path / "build_report.json" and builder.report_path.is_file()
+    assert f"build report: {builder.report_path}" in printed and "incomplete" not in str(builder.report_path)
 
     seen = {}
     for split in ("train", "validation", "test"):
@@ -239,6 +242,48 @@ def test_csv_manual_dir_and_entity_config(tmp_path):
             want = json.loads(row[4]) if row[4].startswith("[") else [s.strip() for s in row[4].split(";")]
             assert [s.decode() for s in e["subjects"]] == want
         assert read_report(builder.data_path)["notes"]  # the other subset's records are noted, not skipped
+
+
+def test_build_keeping_no_record_fails_naming_the_reasons(tmp_path, capsys, caplog):
+    """Every line lacks an id: the build fails at once, says why, and leaves no 'prepared' dataset."""
+    root = tmp_path / "manual"
+    root.mkdir()
+    (root / "anchor.jsonl").write_text("".join(json.dumps({"caption": "A fire in Leeds.", "image": f"{i}.jpg"}) + "\n"
+                                               for i in range(30)))
+    data_dir = tmp_path / "data"
+    config = tfds.download.DownloadConfig(manual_dir=str(root))
+    builder = tfds.builder("anchor/default", data_dir=str(data_dir))
+    with pytest.raises(NoRecordKept) as e:
+        builder.download_and_prepare(download_config=config)
+    message = str(e.value)
+    assert isinstance(e.value, ValueError) and "\n" not in message
+    assert message.startswith(f"anchor/default: no record kept from {root}: 30 records were skipped for missing_id")
+    failed = data_dir / "anchor" / "default" / "build_report-1.0.0-failed.json"
+    assert str(failed) in message and json.loads(failed.read_text())["skipped"] == {"missing_id": 30}
+    assert not builder.data_path.exists()  # nothing claims to be prepared
+    assert sorted(p.name for p in failed.parent.iterdir()) == [failed.name]  # no incomplete.* left either
+    assert "kept 0 (none), skipped 30" in capsys.readouterr().out
+
+    # Fixed: three good records, all in train. Builds (other splits absent, with a warning), and the
+    # stale failure report is gone.
+    (root / "images").mkdir()
+    lines = []
+    for r in synthetic.pairs(3, seed=1):
+        (root / "images" / f"{r.id}.jpg").write_bytes(r.image_bytes)
+        lines.append(json.dumps({"id": r.id, "caption": r.caption, "image": f"images/{r.id}.jpg", "split": "train"}))
+    (root / "anchor.jsonl").write_text("\n".join(lines) + "\n")
+    builder = tfds.builder("anchor/default", data_dir=str(data_dir))
+    with caplog.at_level("INFO", logger="tfds_anchor"):
+        builder.download_and_prepare(download_config=config)
+    assert not failed.exists() and builder.report_path.is_file()
+    assert "no record in split 'validation'" in caplog.text
+    assert f"build report: {builder.report_path}" in caplog.text
+    assert read_report(builder.data_path)["notes"]["split 'test' has no record and is not in the dataset"] == 1
+    assert len(builder.as_data_source(split="train")) == 3
+
+    # The entity config of the same directory: every record is of the other subset.
+    with pytest.raises(NoRecordKept, match=r"anchor/entity: no record kept .*: 3 records of the other subset"):
+        tfds.builder("anchor/entity", data_dir=str(data_dir)).download_and_prepare(download_config=config)
 
 
 def test_missing_manual_dir_metadata_is_a_clear_error(tmp_path):

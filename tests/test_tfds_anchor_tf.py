@@ -59,4 +59,7 @@ def test_tfds_build_command_line(tmp_path):
     assert "anchor/default: read 15 records, kept 9" in proc.stdout
     built = tmp_path / "data" / "anchor" / "default" / "1.0.0"
     assert (built / "build_report.json").is_file()
+    # The path printed is the final one (not the temporary incomplete.* directory) and exists.
+    printed = proc.stdout.split("build report: ", 1)[1].splitlines()[0]
+    assert Path(printed).resolve() == (built / "build_report.json").resolve()
     assert any(p.name.startswith("anchor-train.array_record") for p in built.iterdir())

@@ -1,9 +1,10 @@
 """TFDS builders of this project. ``import tfds_anchor`` registers ``anchor`` with TFDS.
 
 Then ``tfds.data_source("anchor/sample")``, ``tfds.load("anchor/default", ...)`` and
-``tfds build anchor --imports tfds_anchor --manual_dir DIR`` find it.
+``tfds build anchor --imports tfds_anchor --manual_dir DIR`` find it. A build that keeps no record
+raises ``NoRecordKept`` (a ValueError) naming the reasons.
 """
 
-from tfds_anchor.anchor.anchor_dataset_builder import AnchorConfig, Builder
+from tfds_anchor.anchor.anchor_dataset_builder import AnchorConfig, Builder, NoRecordKept
 
-__all__ = ["AnchorConfig", "Builder"]
+__all__ = ["AnchorConfig", "Builder", "NoRecordKept"]

@@ -6,10 +6,12 @@ weights mechanically: ``text_model.encoder.layers_0.self_attn.q_proj.kernel`` he
 matter: SD 1.x (OpenAI CLIP ViT-L/14 text tower, quick_gelu) and SD 2.x (OpenCLIP ViT-H/14 text
 tower converted to the transformers format, gelu, last of its 24 layers dropped).
 
-Checkpoint keys: hub checkpoints (and ``to_hf_state_dict``) carry the ``text_model.`` prefix.
-transformers 5 removed that level from the in-memory ``CLIPTextModel`` (its ``state_dict()`` and
-``save_pretrained`` use ``embeddings.…``, ``encoder.…``) and strips the prefix when loading, so
-both spellings load everywhere; ``from_hf_state_dict`` accepts both too. Old checkpoints also hold
+Checkpoint keys: hub checkpoints (and ``to_hf_state_dict`` by default) carry the ``text_model.``
+prefix. transformers 5 removed that level from the in-memory ``CLIPTextModel`` (its ``state_dict()``
+and ``save_pretrained`` use ``embeddings.…``, ``encoder.…``) and strips the prefix when loading, so
+both spellings load everywhere; ``from_hf_state_dict`` accepts both too. ``state_dict_prefix`` tells
+which one a checkpoint uses, and the pipeline keeps it in ``CLIPTextConfig.state_dict_prefix`` so
+that an export spells its keys as the import did. Old checkpoints also hold
 the ``text_model.embeddings.position_ids`` buffer (always ``arange(77)``); it is not a parameter
 and is dropped on import, as transformers does.
 """
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from safe_jax.models import config_fields as fields
 from safe_jax.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
 from safe_jax.models.attention_ops import AttentionImpl, multi_head_attention
@@ -46,12 +49,20 @@ _HF_CONSTANTS = {
 }
 _PREFIX = "text_model."
 _POSITION_IDS = "text_model.embeddings.position_ids"
+# Dataclass fields of ours that are not config.json keys.
+LOCAL_FIELDS = ("hf_extra", "state_dict_prefix")
 
 
-def check_encoder(what: str, hidden_act: str, hidden_size: int, num_attention_heads: int) -> None:
-    """The checks a CLIP tower's config shares (text or vision)."""
-    if hidden_act not in _ACTIVATIONS:
-        raise SafeJaxError(f"{what}: hidden_act '{hidden_act}' is not supported (supported: {', '.join(_ACTIVATIONS)})")
+def hf_field_names(cls: type) -> list[str]:
+    """The fields of a config dataclass that are transformers config.json keys."""
+    return [f.name for f in dataclasses.fields(cls) if f.name not in LOCAL_FIELDS]
+
+
+def check_encoder(what: str, hidden_act: Any, hidden_size: int, num_attention_heads: int) -> None:
+    """The checks a CLIP tower's config shares (text or vision); sizes are already positive ints."""
+    if not isinstance(hidden_act, str) or hidden_act not in _ACTIVATIONS:
+        raise SafeJaxError(f"{what}: hidden_act {fields.show(hidden_act)} is not supported "
+                           f"(supported: {', '.join(_ACTIVATIONS)})")
     if hidden_size % num_attention_heads:
         raise SafeJaxError(f"{what}: hidden_size {hidden_size} is not a multiple of "
                            f"num_attention_heads {num_attention_heads}")
@@ -60,13 +71,14 @@ def check_encoder(what: str, hidden_act: str, hidden_size: int, num_attention_he
 def split_hf(cls: type, config: Mapping[str, Any], required: tuple[str, ...], what: str) -> tuple[dict, str]:
     """A transformers config.json dict → (the dataclass ``cls``'s fields, the other keys as JSON,
     for ``to_hf`` to give back unchanged); a clear error when a required key is missing."""
+    config = fields.config_object(what, config)
     missing = [key for key in required if key not in config]
     if missing:
-        raise SafeJaxError(f"{what} config lacks {', '.join(missing)}")
-    names = {f.name for f in dataclasses.fields(cls)} - {"hf_extra"}
-    fields = {key: value for key, value in config.items() if key in names}
+        raise SafeJaxError(f"{what}: config lacks {', '.join(missing)}")
+    names = set(hf_field_names(cls))
+    known = {key: value for key, value in config.items() if key in names}
     extra = {key: value for key, value in config.items() if key not in names}
-    return fields, json.dumps(extra, sort_keys=True)
+    return known, json.dumps(extra, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -91,17 +103,23 @@ class CLIPTextConfig:
     pad_token_id: int = 1
     # The source config.json's other keys (as JSON), so to_hf() gives them back unchanged.
     hf_extra: str = dataclasses.field(default="{}", repr=False, compare=False)
+    # How the checkpoint spelled its tensor names: "text_model." (hub checkpoints) or "" (what
+    # transformers 5's save_pretrained writes, the default); an export writes the same back.
+    state_dict_prefix: str = dataclasses.field(default="", repr=False, compare=False)
 
     def __post_init__(self):
-        check_encoder("CLIP text encoder", self.hidden_act, self.hidden_size, self.num_attention_heads)
+        check_text_fields({name: getattr(self, name) for name in hf_field_names(type(self))}, "CLIP text encoder")
+        if self.state_dict_prefix not in ("", _PREFIX):
+            raise SafeJaxError(f"CLIP text encoder: state_dict_prefix must be '' or {_PREFIX!r}, "
+                               f"got {fields.show(self.state_dict_prefix)}")
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
-        """From a transformers config.json dict; keys we do not use are kept for ``to_hf``."""
-        fields, extra = split_hf(cls, config, _REQUIRED, "CLIP text encoder")
-        if not isinstance(fields.get("eos_token_id", 0), int):
-            raise SafeJaxError(f"CLIP text encoder: eos_token_id must be one id, got {fields['eos_token_id']}")
-        return cls(**fields, hf_extra=extra)
+    def from_hf(cls, config: Mapping[str, Any], source: str = "CLIP text encoder") -> "CLIPTextConfig":
+        """From a transformers config.json dict; keys we do not use are kept for ``to_hf``.
+        Every field is checked; ``source`` names the file in the one-line error."""
+        known, extra = split_hf(cls, config, _REQUIRED, source)
+        check_text_fields(known, source)
+        return cls(**known, hf_extra=extra)
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that ``transformers.CLIPTextModel.from_pretrained`` accepts."""
@@ -109,12 +127,28 @@ class CLIPTextConfig:
         out = {**_HF_CONSTANTS, **extra}
         if "dtype" in extra:  # transformers 5 spelling of torch_dtype: keep just the one given
             del out["torch_dtype"]
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hf_extra"})
+        out.update({name: getattr(self, name) for name in hf_field_names(type(self))})
         return out
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+
+def check_text_fields(values: Mapping[str, Any], what: str) -> None:
+    """Types and ranges of a CLIP text config's fields (absent ones take the dataclass defaults)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(CLIPTextConfig)}
+    v = {**defaults, **values}
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "projection_dim"):
+        fields.config_int(what, key, v[key])
+    fields.config_number(what, "layer_norm_eps", v["layer_norm_eps"], positive=True)
+    if not fields.is_int(v["eos_token_id"]):  # it picks the pooled position, so one id
+        raise SafeJaxError(f"{what}: eos_token_id must be one id, got {fields.show(v['eos_token_id'])}")
+    fields.config_int(what, "eos_token_id", v["eos_token_id"], 0)
+    for key in ("bos_token_id", "pad_token_id"):
+        fields.config_optional_int(what, key, v[key], 0)
+    check_encoder(what, v["hidden_act"], v["hidden_size"], v["num_attention_heads"])
 
 
 # The text_encoder/config.json of runwayml/stable-diffusion-v1-5 (= openai/clip-vit-large-patch14's
@@ -293,12 +327,26 @@ def from_hf_state_dict(
     """
     normalised = {}
     for key, value in state_dict.items():
-        key = key if key.startswith(_PREFIX) else _PREFIX + key
-        if key != _POSITION_IDS:
-            normalised[key] = value
+        full = key if key.startswith(_PREFIX) else _PREFIX + key
+        if full in normalised:
+            raise SafeJaxError(f"text_encoder: the checkpoint holds {full.removeprefix(_PREFIX)!r} both with "
+                               f"and without the {_PREFIX!r} prefix")
+        if full != _POSITION_IDS:
+            normalised[full] = value
     return torch_to_flax(normalised, abstract_params(model), what="text_encoder", dtype=dtype)
 
 
-def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The checkpoint state dict (``text_model.``-prefixed keys, as on the hub) of Flax ``params``."""
-    return flax_to_torch(params)
+def state_dict_prefix(state_dict: Mapping[str, Any]) -> str:
+    """How a CLIPTextModel checkpoint spells its keys: ``"text_model."`` (hub checkpoints) or
+    ``""`` (transformers 5's ``save_pretrained``); for a mix, what most keys use."""
+    prefixed = sum(key.startswith(_PREFIX) for key in state_dict)
+    return _PREFIX if 2 * prefixed > len(state_dict) else ""
+
+
+def to_hf_state_dict(params: Mapping[str, Any], prefix: str = _PREFIX) -> dict[str, np.ndarray]:
+    """The checkpoint state dict of Flax ``params``: ``text_model.``-prefixed keys, as on the hub,
+    or with ``prefix=""`` the keys transformers 5 saves (``embeddings.…``, ``encoder.…``)."""
+    if prefix not in ("", _PREFIX):
+        raise SafeJaxError(f"text_encoder: the key prefix must be '' or {_PREFIX!r}, got {fields.show(prefix)}")
+    state = flax_to_torch(params)
+    return state if prefix == _PREFIX else {key.removeprefix(_PREFIX): value for key, value in state.items()}

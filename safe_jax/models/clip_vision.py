@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from safe_jax.models import config_fields as fields
 from safe_jax.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
 from safe_jax.models import clip_text
@@ -53,13 +54,25 @@ _VISION_HF_CONSTANTS = {
 _BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
 
-def _int_size(value: Any, what: str) -> int:
+def _int_size(value: Any, key: str, what: str = "CLIP vision encoder") -> int:
     """transformers allows ``image_size``/``patch_size`` as [h, w]; CLIP only ever uses squares."""
     if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise SafeJaxError(f"CLIP vision encoder: {what} must be a positive int (square), got {value!r}")
+    if not fields.is_int(value) or value <= 0:
+        raise SafeJaxError(f"{what}: {key} must be a positive int (square), got {fields.show(value)}")
     return value
+
+
+def check_vision_fields(values: Mapping[str, Any], what: str) -> None:
+    """Types and ranges of a CLIP vision config's fields (absent ones take the dataclass defaults)."""
+    v = {**_defaults(CLIPVisionConfig), **values}
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels"):
+        fields.config_int(what, key, v[key])
+    image_size, patch_size = _int_size(v["image_size"], "image_size", what), _int_size(v["patch_size"], "patch_size", what)
+    fields.config_number(what, "layer_norm_eps", v["layer_norm_eps"], positive=True)
+    clip_text.check_encoder(what, v["hidden_act"], v["hidden_size"], v["num_attention_heads"])
+    if patch_size > image_size:
+        raise SafeJaxError(f"{what}: patch_size {patch_size} > image_size {image_size}")
 
 
 @dataclass(frozen=True)
@@ -78,20 +91,21 @@ class CLIPVisionConfig:
     hf_extra: str = dataclasses.field(default="{}", repr=False, compare=False)
 
     def __post_init__(self):
+        check_vision_fields({name: getattr(self, name) for name in clip_text.hf_field_names(type(self))},
+                            "CLIP vision encoder")
         object.__setattr__(self, "image_size", _int_size(self.image_size, "image_size"))
         object.__setattr__(self, "patch_size", _int_size(self.patch_size, "patch_size"))
-        clip_text.check_encoder("CLIP vision encoder", self.hidden_act, self.hidden_size, self.num_attention_heads)
-        if self.patch_size > self.image_size:
-            raise SafeJaxError(f"CLIP vision encoder: patch_size {self.patch_size} > image_size {self.image_size}")
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> "CLIPVisionConfig":
-        fields, extra = clip_text.split_hf(cls, config, _VISION_REQUIRED, "CLIP vision encoder")
-        return cls(**fields, hf_extra=extra)
+    def from_hf(cls, config: Mapping[str, Any], source: str = "CLIP vision encoder") -> "CLIPVisionConfig":
+        """From a transformers vision config dict; every field is checked, ``source`` names it in errors."""
+        known, extra = clip_text.split_hf(cls, config, _VISION_REQUIRED, source)
+        check_vision_fields(known, source)
+        return cls(**known, hf_extra=extra)
 
     def to_hf(self) -> dict[str, Any]:
         out = {**_VISION_HF_CONSTANTS, **json.loads(self.hf_extra)}
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hf_extra"})
+        out.update({name: getattr(self, name) for name in clip_text.hf_field_names(type(self))})
         return out
 
     @property
@@ -101,7 +115,7 @@ class CLIPVisionConfig:
 
 def _defaults(cls) -> dict[str, Any]:
     """A config class's defaults, which are transformers' defaults for the same fields."""
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.name != "hf_extra"}
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in clip_text.LOCAL_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -115,15 +129,15 @@ class CLIPConfig:
     hf_extra: str = dataclasses.field(default="{}", repr=False, compare=False)
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> "CLIPConfig":
-        """From a ``CLIPModel`` config.json dict.
+    def from_hf(cls, config: Mapping[str, Any], source: str = "CLIP config") -> "CLIPConfig":
+        """From a ``CLIPModel`` config.json dict; every field is checked, ``source`` names it in errors.
 
         Sub-config keys that are absent take transformers' defaults. Old hub configs also hold
         ``text_config_dict`` / ``vision_config_dict``; as in transformers, such a dict, completed
         with the defaults, overrides ``text_config`` / ``vision_config``.
         """
         if not isinstance(config, Mapping):
-            raise SafeJaxError(f"CLIP config must be a JSON object, got {type(config).__name__}")
+            raise SafeJaxError(f"{source}: CLIP config must be a JSON object, got {type(config).__name__}")
         model_type = config.get("model_type", "clip")
         if model_type != "clip":
             raise SafeJaxError(
@@ -135,18 +149,20 @@ class CLIPConfig:
             base = config.get(f"{name}_config") or {}
             override = config.get(f"{name}_config_dict")
             if not isinstance(base, Mapping) or not isinstance(override or {}, Mapping):
-                raise SafeJaxError(f"CLIP config: {name}_config must be a JSON object")
+                raise SafeJaxError(f"{source}: {name}_config must be a JSON object")
             if override is not None:
                 return {**base, **_defaults(config_cls), **override}
             return {**_defaults(config_cls), **base}
 
-        text = CLIPTextConfig.from_hf(sub("text", CLIPTextConfig))
-        vision = CLIPVisionConfig.from_hf(sub("vision", CLIPVisionConfig))
+        text = CLIPTextConfig.from_hf(sub("text", CLIPTextConfig), f"{source}: text_config")
+        vision = CLIPVisionConfig.from_hf(sub("vision", CLIPVisionConfig), f"{source}: vision_config")
+        projection_dim = fields.config_int(source, "projection_dim", config.get("projection_dim", 512))
+        logit_scale = fields.config_number(source, "logit_scale_init_value",
+                                                 config.get("logit_scale_init_value", 2.6592))
         drop = {"text_config", "vision_config", "text_config_dict", "vision_config_dict",
                 "projection_dim", "logit_scale_init_value"}
         extra = {key: value for key, value in config.items() if key not in drop}
-        return cls(text=text, vision=vision, projection_dim=int(config.get("projection_dim", 512)),
-                   logit_scale_init_value=float(config.get("logit_scale_init_value", 2.6592)),
+        return cls(text=text, vision=vision, projection_dim=projection_dim, logit_scale_init_value=float(logit_scale),
                    hf_extra=json.dumps(extra, sort_keys=True))
 
     def to_hf(self) -> dict[str, Any]:
@@ -370,7 +386,7 @@ def load_clip(folder: str | Path, *, dtype: Any = jnp.float32, param_dtype: Any 
     folder = Path(folder)
     if not folder.is_dir():
         raise SafeJaxError(f"CLIP model folder {folder} does not exist")
-    config = CLIPConfig.from_hf(diffusers_io.read_json(folder / "config.json"))
+    config = CLIPConfig.from_hf(diffusers_io.read_json(folder / "config.json"), str(folder / "config.json"))
     model = CLIPModel(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                       remat_policy=remat_policy)
     state = diffusers_io.load_state_dict(folder)

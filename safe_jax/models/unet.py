@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from safe_jax.models import config_fields as fields
 from safe_jax.errors import SafeJaxError
 from safe_jax.models.attention_ops import AttentionImpl
 from safe_jax.models.blocks import (
@@ -69,53 +70,92 @@ class UNetConfig:
         return self.num_attention_heads or self.attention_head_dim
 
     @classmethod
-    def from_diffusers(cls, cfg: Mapping[str, Any]) -> "UNetConfig":
+    def from_diffusers(cls, cfg: Mapping[str, Any], source: str = "UNet config") -> "UNetConfig":
+        """From diffusers' ``unet/config.json`` dict. Every field is checked (type, range, and how
+        fields fit together); ``source`` names the file in the one-line error."""
+        cfg = fields.config_object(source, cfg)
         for key, want in _REQUIRED.items():
             got = cfg.get(key, want)
             if isinstance(want, bool) and isinstance(got, (list, tuple)):
                 got = any(got)
-            if got != want:
-                raise SafeJaxError(f"unsupported UNet architecture: {key}={got!r} (safe-jax supports {want!r})")
-        n = len(cfg.get("block_out_channels", cls.block_out_channels))
-        per_block = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
-        kw = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg}
-        for key in ("down_block_types", "up_block_types", "block_out_channels"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        kw["transformer_layers_per_block"] = per_block(cfg.get("transformer_layers_per_block", 1))
-        kw["attention_head_dim"] = per_block(cfg.get("attention_head_dim", 8))
-        if kw.get("num_attention_heads") is not None:
-            kw["num_attention_heads"] = per_block(kw["num_attention_heads"])
-        if isinstance(kw.get("layers_per_block"), (list, tuple)):
-            if len(set(kw["layers_per_block"])) != 1:
-                raise SafeJaxError(f"unsupported UNet architecture: per-block layers_per_block={kw['layers_per_block']}")
-            kw["layers_per_block"] = kw["layers_per_block"][0]
-        cad = kw.get("cross_attention_dim")
-        if isinstance(cad, (list, tuple)):
-            if len(set(cad)) != 1:
-                raise SafeJaxError(f"unsupported UNet architecture: per-block cross_attention_dim={cad}")
-            kw["cross_attention_dim"] = cad[0]
-        if isinstance(kw.get("sample_size"), (list, tuple)):
-            kw["sample_size"] = kw["sample_size"][0]
+            if got != want or isinstance(got, bool) != isinstance(want, bool):
+                raise SafeJaxError(f"{source}: unsupported UNet architecture: {key}={fields.show(got)} "
+                                   f"(safe-jax supports {want!r})")
+        kw: dict[str, Any] = {}
+        if "block_out_channels" in cfg:
+            kw["block_out_channels"] = fields.config_ints(source, "block_out_channels", cfg["block_out_channels"])
+        n = len(kw.get("block_out_channels", cls.block_out_channels))
+        for key in ("down_block_types", "up_block_types"):
+            if key in cfg:
+                kw[key] = fields.config_names(source, key, cfg[key])
+        for key, minimum in (("in_channels", 1), ("out_channels", 1), ("norm_num_groups", 1), ("downsample_padding", 0)):
+            if key in cfg:
+                kw[key] = fields.config_int(source, key, cfg[key], minimum)
+        for key in ("flip_sin_to_cos", "use_linear_projection", "upcast_attention"):
+            if key in cfg:
+                kw[key] = fields.config_bool(source, key, cfg[key])
+        if "freq_shift" in cfg:
+            kw["freq_shift"] = fields.config_number(source, "freq_shift", cfg["freq_shift"], minimum=0)
+        if "norm_eps" in cfg:
+            kw["norm_eps"] = fields.config_number(source, "norm_eps", cfg["norm_eps"], positive=True)
+        if "time_embedding_dim" in cfg:
+            kw["time_embedding_dim"] = fields.config_optional_int(source, "time_embedding_dim", cfg["time_embedding_dim"])
+
+        def one(key: str) -> int:  # an int, or a per-block list diffusers allows but that must be uniform here
+            value = fields.config_int_or_ints(source, key, cfg[key])
+            if isinstance(value, tuple):
+                if len(set(value)) != 1:
+                    raise SafeJaxError(f"{source}: unsupported UNet architecture: per-block {key}={list(value)}")
+                value = value[0]
+            return value
+
+        if "layers_per_block" in cfg:
+            kw["layers_per_block"] = one("layers_per_block")
+        if "cross_attention_dim" in cfg:
+            kw["cross_attention_dim"] = one("cross_attention_dim")
+        if cfg.get("sample_size") is not None:  # [h, w] is allowed: the default image size takes h.
+            # (null, diffusers' default when unset, keeps SD's 64.)
+            size = fields.config_int_or_ints(source, "sample_size", cfg["sample_size"])
+            kw["sample_size"] = size[0] if isinstance(size, tuple) else size
+        per_block = lambda v: v if isinstance(v, tuple) else (v,) * n
+        for key, default in (("transformer_layers_per_block", 1), ("attention_head_dim", 8)):
+            kw[key] = per_block(fields.config_int_or_ints(source, key, cfg.get(key, default)))
+        if cfg.get("num_attention_heads") is not None:
+            kw["num_attention_heads"] = per_block(
+                fields.config_int_or_ints(source, "num_attention_heads", cfg["num_attention_heads"]))
         config = cls(**kw)
-        config.validate()
+        config.validate(source)
         return config
 
-    def validate(self) -> None:
+    def validate(self, source: str = "UNet config") -> None:
+        """How the fields fit together (``from_diffusers`` has checked each one's type and range)."""
         n = len(self.block_out_channels)
         for name, types, allowed in (("down_block_types", self.down_block_types, DOWN_BLOCKS),
                                      ("up_block_types", self.up_block_types, UP_BLOCKS)):
             bad = [t for t in types if t not in allowed]
             if bad:
-                raise SafeJaxError(f"unsupported UNet architecture: {name} contains {bad[0]} (supported: {', '.join(allowed)})")
+                raise SafeJaxError(f"{source}: unsupported UNet architecture: {name} contains {bad[0]} "
+                                   f"(supported: {', '.join(allowed)})")
             if len(types) != n:
-                raise SafeJaxError(f"UNet config: {name} has {len(types)} entries, block_out_channels has {n}")
-        for name in ("transformer_layers_per_block", "attention_head_dim"):
-            if len(getattr(self, name)) != n:
-                raise SafeJaxError(f"UNet config: {name} needs {n} entries")
-        for c, h in zip(self.block_out_channels, self.heads):
-            if c % h:
-                raise SafeJaxError(f"UNet config: {c} channels do not split into {h} attention heads")
+                raise SafeJaxError(f"{source}: {name} has {len(types)} entries, block_out_channels has {n}")
+        for name in ("transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise SafeJaxError(f"{source}: {name} has {len(value)} entries, block_out_channels has {n}")
+        fields.config_groups_divide(source, self.norm_num_groups, self.block_out_channels)
+        width = self.block_out_channels[0]
+        if width % 2:
+            raise SafeJaxError(f"{source}: unsupported UNet architecture: block_out_channels[0]={width} is odd "
+                               "(the timestep embedding needs an even width)")
+        if self.freq_shift >= width // 2:
+            raise SafeJaxError(f"{source}: freq_shift={self.freq_shift} must be below block_out_channels[0] / 2 "
+                               f"= {width // 2}")
+        heads_key = "attention_head_dim" if self.num_attention_heads is None else "num_attention_heads"
+        for i, (c, h) in enumerate(zip(self.block_out_channels, self.heads)):
+            has_attn = (self.down_block_types[i].startswith("CrossAttn") or i == n - 1  # the mid block
+                        or self.up_block_types[n - 1 - i].startswith("CrossAttn"))
+            if has_attn and c % h:
+                raise SafeJaxError(f"{source}: {heads_key}={h}: {c} channels do not split into {h} attention heads")
 
     def to_diffusers(self) -> dict[str, Any]:
         out = {"_class_name": "UNet2DConditionModel"}
@@ -168,8 +208,8 @@ class _Block(nn.Module):
         if self.resample == "down":
             x = Downsample2D(self.out_channels, cfg.downsample_padding, name="downsamplers_0", **kw)(x)
             outputs.append(x)
-        elif self.resample == "up":
-            x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
+        elif self.resample == "up":  # to the size of the next skip connection, as diffusers' upsample_size
+            x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, skips[-1].shape[1:3])
         return x, outputs
 
 
@@ -187,8 +227,6 @@ class UNet2DConditionModel(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         blk = dict(attention_impl=self.attention_impl, remat_policy=self.remat_policy, **kw)
         n = len(cfg.block_out_channels)
-        if sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
-            raise SafeJaxError(f"latent size {sample.shape[1]}x{sample.shape[2]} must be divisible by {2 ** (n - 1)}")
         context = encoder_hidden_states.astype(self.dtype)
 
         t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from safe_jax.models import config_fields as fields
 from safe_jax.errors import SafeJaxError
 from safe_jax.models.attention_ops import AttentionImpl
 from safe_jax.models.blocks import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, conv, group_norm
@@ -39,26 +40,48 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def from_diffusers(cls, cfg: Mapping[str, Any]) -> "VAEConfig":
+    def from_diffusers(cls, cfg: Mapping[str, Any], source: str = "VAE config") -> "VAEConfig":
+        """From diffusers' ``vae/config.json`` dict. Every field is checked (type, range, and how
+        fields fit together); ``source`` names the file in the one-line error."""
+        cfg = fields.config_object(source, cfg)
         for key, want in _REQUIRED.items():
-            if cfg.get(key, want) != want:
-                raise SafeJaxError(f"unsupported VAE architecture: {key}={cfg[key]!r} (safe-jax supports {want!r})")
-        kw = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg}
-        for key in ("down_block_types", "up_block_types", "block_out_channels"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        if isinstance(kw.get("sample_size"), (list, tuple)):
-            kw["sample_size"] = kw["sample_size"][0]
+            got = cfg.get(key, want)
+            if got != want or isinstance(got, bool) != isinstance(want, bool):
+                raise SafeJaxError(f"{source}: unsupported VAE architecture: {key}={fields.show(got)} "
+                                   f"(safe-jax supports {want!r})")
+        kw: dict[str, Any] = {}
+        if "block_out_channels" in cfg:
+            kw["block_out_channels"] = fields.config_ints(source, "block_out_channels", cfg["block_out_channels"])
         n = len(kw.get("block_out_channels", cls.block_out_channels))
-        kw.setdefault("down_block_types", ("DownEncoderBlock2D",) * n)
-        kw.setdefault("up_block_types", ("UpDecoderBlock2D",) * n)
+        kw["down_block_types"] = fields.config_names(source, "down_block_types",
+                                                 cfg.get("down_block_types", ("DownEncoderBlock2D",) * n))
+        kw["up_block_types"] = fields.config_names(source, "up_block_types",
+                                               cfg.get("up_block_types", ("UpDecoderBlock2D",) * n))
+        for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
+            if key in cfg:
+                kw[key] = fields.config_int(source, key, cfg[key])
+        if cfg.get("sample_size") is not None:  # diffusers allows [h, w]; null keeps the default
+            size = fields.config_int_or_ints(source, "sample_size", cfg["sample_size"])
+            kw["sample_size"] = size[0] if isinstance(size, tuple) else size
+        if "scaling_factor" in cfg:
+            kw["scaling_factor"] = fields.config_number(source, "scaling_factor", cfg["scaling_factor"], positive=True)
+        if cfg.get("shift_factor") is not None:
+            kw["shift_factor"] = fields.config_number(source, "shift_factor", cfg["shift_factor"])
+        if "force_upcast" in cfg:
+            kw["force_upcast"] = fields.config_bool(source, "force_upcast", cfg["force_upcast"])
         config = cls(**kw)
-        n = len(config.block_out_channels)
-        for name, types, allowed in (("down_block_types", config.down_block_types, "DownEncoderBlock2D"),
-                                     ("up_block_types", config.up_block_types, "UpDecoderBlock2D")):
-            if any(t != allowed for t in types) or len(types) != n:
-                raise SafeJaxError(f"unsupported VAE architecture: {name}={list(types)} (need {n} x {allowed})")
+        config.validate(source)
         return config
+
+    def validate(self, source: str = "VAE config") -> None:
+        """How the fields fit together (``from_diffusers`` has checked each one's type and range)."""
+        n = len(self.block_out_channels)
+        for name, types, allowed in (("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
+                                     ("up_block_types", self.up_block_types, "UpDecoderBlock2D")):
+            if any(t != allowed for t in types) or len(types) != n:
+                raise SafeJaxError(f"{source}: unsupported VAE architecture: {name}={fields.show(list(types), 200)} "
+                                   f"(need {n} x {allowed}, one per block_out_channels entry)")
+        fields.config_groups_divide(source, self.norm_num_groups, self.block_out_channels)
 
     def to_diffusers(self) -> dict[str, Any]:
         out = {"_class_name": "AutoencoderKL", "act_fn": "silu"}

@@ -18,7 +18,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from tfds_anchor.anchor import images, manual, synthetic
-from tfds_anchor.anchor.report import BuildReport, read_report
+from tfds_anchor.anchor.report import (FAILED_REPORT_TEMPLATE, REPORT_FILENAME, BuildReport, NoRecordKept,
+                                       read_report)
 from tfds_anchor.anchor.sources import SOURCES, normalise_source
 
 log = logging.getLogger("tfds_anchor")
@@ -87,12 +88,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     Extra fields are ignored. Records without `subjects` get them from safe_jax.subjects (an LLM
     when OPENAI_API_KEY is set, else offline heuristics; answers are cached). Records without
     `split` are split by a hash of their id (90/5/5). Bad records are skipped and counted in
-    build_report.json next to the built dataset.
+    build_report.json next to the built dataset; a build that keeps no record at all fails,
+    naming the reasons.
     """
 
     def __init__(self, *, file_format: str | None = None, **kwargs: Any):
         # ArrayRecord by default: random access for grain, and no TensorFlow needed to read it.
         super().__init__(file_format=file_format or "array_record", **kwargs)
+        # The version directory the dataset ends in. While it is built, ``data_path`` is a temporary
+        # ``incomplete.*`` sibling that TFDS renames at the end (or deletes on failure).
+        self._final_data_path = self.data_path
+        self.report_path: epath.Path | None = None  # build_report.json of the finished build
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -127,11 +133,38 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                             others)
             records = [r for r in records if bool(r.entity) == wanted]
             records = self._usable_images(records, root, report)
+        if not records:
+            self._fail_nothing_kept(report, root)
         self._fill_subjects(records, report)
         by_split: dict[str, list[manual.Record]] = {}
         for r in records:
             by_split.setdefault(r.split, []).append(r)
+        # A split with no record while others have some is a warning, not an error: manual data may
+        # carry only the splits it has (its own `split` field), and hash-splitting a small directory
+        # can leave validation or test empty. TFDS then has no such split, and reading it fails at
+        # once with TFDS's "Unknown split" error naming the splits there are. (Zero records in every
+        # split is the error above: TFDS would mark such a dataset prepared and fail much later.)
+        for split in manual.SPLITS:
+            if split not in by_split:
+                report.note(f"split {split!r} has no record and is not in the dataset")
+                log.warning("anchor/%s: no record in split %r; the dataset has only %s", config.name, split,
+                            ", ".join(s for s in manual.SPLITS if s in by_split))
         return {split: self._generate_examples(by_split[split], root) for split in manual.SPLITS if split in by_split}
+
+    def _fail_nothing_kept(self, report: BuildReport, root: epath.Path | None) -> None:
+        """Every record was skipped: write the report where it outlives the failed build, and raise."""
+        config: AnchorConfig = self.builder_config
+        origin = f"from {root}" if root is not None else f"(synthetic_examples={config.synthetic_examples})"
+        where = ""
+        try:
+            directory = self._final_data_path.parent
+            directory.mkdir(parents=True, exist_ok=True)
+            path = report.write(directory, FAILED_REPORT_TEMPLATE.format(version=self.version))
+            where = f" (see the build report at {path})"
+        except OSError as e:  # a read-only data_dir: the message alone still says why
+            log.warning("could not write the build report: %s", e)
+        print("\n" + report.summary(), flush=True)
+        raise NoRecordKept(f"anchor/{config.name}: no record kept {origin}: {report.why_nothing_kept()}{where}")
 
     def _usable_images(self, records: list[manual.Record], root: epath.Path, report: BuildReport) -> list[manual.Record]:
         """First pass: which images decode, so that every split written is known not to be empty."""
@@ -212,9 +245,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         report = getattr(self, "_report", None)
         if report is None:  # max_examples_per_split=0: nothing was generated
             return
-        path = report.write(self.data_path)  # data_path is the build's temporary dir: moved with the data
-        print("\n" + report.summary(), flush=True)
-        log.info("build report: %s", path)
+        report.write(self.data_path)  # data_path is the build's temporary dir: moved with the data
+
+    def _post_download_and_prepare_hook(self) -> None:
+        """After TFDS renamed the temporary directory: print the summary and the report's final path."""
+        super()._post_download_and_prepare_hook()
+        report = getattr(self, "_report", None)
+        if report is None:
+            return
+        self.report_path = self.data_path / REPORT_FILENAME
+        # A report left by an earlier failed build of this version is stale now.
+        (self.data_path.parent / FAILED_REPORT_TEMPLATE.format(version=self.version)).unlink(missing_ok=True)
+        print("\n" + report.summary() + f"\nbuild report: {self.report_path}", flush=True)
+        log.info("build report: %s", self.report_path)
 
 
 def _read(root: epath.Path, relative: str) -> bytes | None:
@@ -230,4 +273,4 @@ def build_report(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
     return read_report(builder.data_path)
 
 
-__all__ = ["AnchorConfig", "Builder", "build_report"]
+__all__ = ["AnchorConfig", "Builder", "NoRecordKept", "build_report"]

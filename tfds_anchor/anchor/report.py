@@ -14,6 +14,9 @@ from typing import Any
 from etils import epath
 
 REPORT_FILENAME = "build_report.json"
+# Where a build that kept nothing leaves its report: beside the version directories (a name TFDS
+# does not take for a version), since the temporary build directory is deleted on failure.
+FAILED_REPORT_TEMPLATE = "build_report-{version}-failed.json"
 
 # Reasons a record is skipped. Everything else about a record is repaired (and noted), not skipped.
 SKIP_REASONS = {
@@ -30,6 +33,13 @@ SKIP_REASONS = {
     "tiny_image": "the image's shorter side is below the config's min_side",
 }
 _EXAMPLES_PER_REASON = 5
+
+
+class NoRecordKept(ValueError):
+    """A build in which every record was skipped: there is nothing to write, so the build fails.
+
+    The message is one line naming the reasons (counts from the build report) and the report's path.
+    """
 
 
 @dataclasses.dataclass
@@ -67,8 +77,17 @@ class BuildReport:
             "reasons": {k: SKIP_REASONS[k] for k in sorted(self.skipped)},
         }
 
-    def write(self, directory: epath.PathLike) -> epath.Path:
-        path = epath.Path(directory) / REPORT_FILENAME
+    def why_nothing_kept(self) -> str:
+        """The reasons no record was kept, most frequent first, for a one-line error."""
+        reasons = [f"{n} {'record was' if n == 1 else 'records were'} skipped for {reason} ({SKIP_REASONS[reason]})"
+                   for reason, n in self.skipped.most_common()]
+        reasons += [f"{n} {what}" for what, n in self.notes.most_common() if what.startswith("records of the other")]
+        if not self.records_read:
+            reasons.insert(0, "no record was read")
+        return "; ".join(reasons) or f"{self.records_read} records read, none kept"
+
+    def write(self, directory: epath.PathLike, filename: str = REPORT_FILENAME) -> epath.Path:
+        path = epath.Path(directory) / filename
         path.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
         return path
 

@@ -156,7 +156,9 @@ class ScheduleConfig:
 
 
 def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
-    """torch.linspace(float32) on CPU: float32 step, symmetric halves, fused multiply-add."""
+    """torch.linspace(float32) on CPU: float32 step, symmetric halves, fused multiply-add.
+    Bit for bit as torch's AVX2 / AVX-512 kernels; its scalar fallback (ATEN_CPU_CAPABILITY=default)
+    can differ by an ulp or two, which is why the tests compare in ulps."""
     s, e = _F32(start), _F32(end)
     step = _F32((e - s) / _F32(n - 1))
     idx = np.arange(n, dtype=np.float64)

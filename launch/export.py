@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from launch.errors import one_line_errors
+from launch.errors import ArgumentParser, int_at_least, one_line_errors, output_dir
 
 
 def main(argv: list[str] | None = None, prog: str = "safe-jax export") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p = ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--model", required=True, help="a local diffusers folder, or a preset: tiny, sd15, sd21, sd21-base")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=output_dir, required=True,
+                   help="the folder to write (checked writable before the model is loaded)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed, for presets")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="initialisation seed, for presets")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     @one_line_errors(prog)

@@ -6,7 +6,7 @@ the run was resolved to. Saves are asynchronous (the device→host copy blocks, 
 not); orbax writes into a temporary folder and renames it when complete, so a crash mid-save leaves
 the previous checkpoint as the latest. Kept: the last ``keep`` checkpoints plus the best by a
 metric. A latest checkpoint that cannot be read is moved aside (not deleted) and the one before it
-is used, with a warning.
+is used, with a warning; when none can be read, a warning says the run starts over from step 0.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ class Checkpointer:
         ``data_iterator`` is moved to the saved position in place.
         """
         self.wait()
+        set_aside = []
         for step in sorted(self.steps, reverse=True):
             args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
                                          DATA: grain.checkpoint.CheckpointRestore(data_iterator),
@@ -98,12 +99,15 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(step, args=args)
             except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
-                self._set_aside(step, e)
+                set_aside.append(self._set_aside(step, e))
                 continue
             return restored[STATE], dict(restored[CONFIG] or {}), step
+        if set_aside:
+            log.warning("every checkpoint in %s is unreadable (moved aside to %s): starting over from step 0",
+                        self.directory, ", ".join(p.name for p in set_aside))
         return None
 
-    def _set_aside(self, step: int, error: Exception) -> None:
+    def _set_aside(self, step: int, error: Exception) -> Path:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         aside = self.directory / f"unreadable-{step}-{int(time.time())}"
         log.warning("checkpoint %d in %s cannot be read (%s); moved to %s, trying the one before",
@@ -114,6 +118,7 @@ class Checkpointer:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
         self._manager.reload()
+        return aside
 
     def wait(self) -> None:
         """Block until every started save is on disk."""

@@ -1,8 +1,10 @@
 """Training metrics: TensorBoard event files, a JSONL log, and model FLOPs utilisation.
 
 Only process 0 writes. Every step's scalars go to ``metrics.jsonl`` (appended line by line and
-flushed, so a crash loses at most the line being written; a resumed run appends again from the
-restored step, and readers keep a step's last line). TensorBoard gets the same scalars plus sample
+flushed, so a crash loses at most the line being written). A resumed run first drops the lines
+after the step it restored (``resume_step``; a torn last line goes too), so the file keeps one line
+per step however often the run was killed or fell back to an older checkpoint; TensorBoard is
+told to hide its events after that step as well. TensorBoard gets the same scalars plus sample
 image grids, through tensorboardX (no TensorFlow needed).
 
 MFU is the step's FLOPs as XLA counts them in the compiled program, over the step time and the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -64,9 +67,13 @@ def mfu(flops_per_device: float | None, step_time: float, peak: float | None) ->
 
 
 class MetricWriter:
-    """Scalars and images to TensorBoard and ``metrics.jsonl`` under ``logdir`` (process 0 only)."""
+    """Scalars and images to TensorBoard and ``metrics.jsonl`` under ``logdir`` (process 0 only).
 
-    def __init__(self, logdir: str | Path, enabled: bool | None = None):
+    ``resume_step``: the step the run (re)starts from; lines and TensorBoard events after it, from
+    an earlier attempt, are dropped so that the steps to come are not logged twice.
+    """
+
+    def __init__(self, logdir: str | Path, enabled: bool | None = None, resume_step: int | None = None):
         self.logdir = Path(logdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = self._jsonl = None
@@ -74,8 +81,11 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             self.logdir.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(self.logdir / "tensorboard"))
             path = self.logdir / "metrics.jsonl"
+            if resume_step is not None:
+                truncate_jsonl(path, resume_step)
+            purge = {} if resume_step is None else {"purge_step": int(resume_step) + 1}
+            self._tb = SummaryWriter(str(self.logdir / "tensorboard"), **purge)
             torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
             self._jsonl = open(path, "a", encoding="utf-8")
             if torn:  # a crash cut the last line: the resumed run starts on a line of its own
@@ -111,6 +121,34 @@ class MetricWriter:
             self._tb.close()
             self._jsonl.close()
             self.enabled = False
+
+
+def truncate_jsonl(path: str | Path, last_step: int) -> int:
+    """Keep the lines of the metrics file ``path`` with ``step`` ≤ ``last_step`` (and lines without
+    a step); drop the others and any line that is not JSON (a torn last line). The file is replaced
+    atomically. Returns the number of lines dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row.get("step") if isinstance(row, dict) else None
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(step, (int, float)) and step > last_step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 def _number(value: Any) -> float | None:

@@ -16,20 +16,22 @@ import dataclasses
 import json
 import logging
 import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safe_jax import lora, rewards, sharding, train_step
+from safe_jax import lora, rewards, schedulers, sharding, train_step
 from safe_jax.checkpointing import Checkpointer
-from safe_jax.data import GlobalBatches, InputConfig, make_iterator
+from safe_jax.data import GlobalBatches, InputConfig, data_source, make_iterator
 from safe_jax.errors import SafeJaxError
 from safe_jax.metrics import MetricWriter, compiled_flops, device_peak_flops, finite_means, mfu
 from safe_jax.pipeline import StableDiffusion
+from safe_jax.train_config import validate_config
 
 log = logging.getLogger(__name__)
 DATA_AXES = ("data", "fsdp")
@@ -39,15 +41,53 @@ DATA_AXES = ("data", "fsdp")
 class TrainResult:
     workdir: Path
     step: int                       # the step reached (== config.steps unless preempted)
-    status: str                     # "finished" or "preempted"
+    status: str                     # "finished", "preempted" (SIGTERM) or "interrupted" (Ctrl-C)
     export_dir: Path | None
     metrics_path: Path
+    already_finished: bool = False  # finished by an earlier call: nothing was loaded, trained or exported
 
 
 def train(config: Any) -> TrainResult:
-    """Run (or resume) the training ``config`` describes; see ``launch/configs/base.py``."""
+    """Run (or resume) the training ``config`` describes; see ``launch/configs/base.py``.
+
+    A bad config raises ``SafeJaxError`` before anything is loaded (``validate_config``). A run
+    whose latest checkpoint is at ``config.steps`` (and whose export is there, if enabled) returns
+    at once (``already_finished``). Whatever ends the run, the checkpointer finishes its
+    in-flight saves and every resource is closed; an unexpected exception carries a note naming
+    the last good checkpoint.
+    """
+    validate_config(config)
     workdir = Path(config.workdir)
+    export_dir = Path(config.export.dir or workdir / "export") if config.export.enabled else None
+    finished = _finished_step(workdir / "checkpoints", config.steps, export_dir)
+    if finished is not None:
+        log.info("already finished at step %d; workdir %s", finished, workdir)
+        return TrainResult(workdir, finished, "finished", export_dir, workdir / "metrics.jsonl", already_finished=True)
+    try:
+        with _Resources() as resources:
+            state, status, step, parts = _run(config, workdir, resources)
+        if status == "finished" and export_dir is not None:
+            pipe, params, frozen = parts
+            export(pipe, params, state, frozen, config, export_dir)
+    except BaseException as e:
+        steps = _checkpoint_steps(workdir / "checkpoints")
+        e.add_note(f"the last good checkpoint is step {steps[-1]} in {workdir / 'checkpoints'}" if steps
+                   else f"no checkpoint was saved in {workdir / 'checkpoints'}")
+        raise
+    return TrainResult(workdir, int(step), status, export_dir if status == "finished" else None,
+                       workdir / "metrics.jsonl")
+
+
+def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str, int, tuple]:
+    """The run up to the last save: (state, status, step, (pipe, params, frozen)). Everything
+    opened is handed to ``resources``, which closes it whatever happens."""
+    source = _open_data(config)  # before the model: a wrong data name, split or folder fails in seconds
     pipe, params = _load_model(config)
+    if config.sample.every:  # the sampler is built at the first sample, long after the compile: check it now
+        try:
+            schedulers.make_sampler(config.sample.scheduler, pipe.schedule, config.sample.steps)
+        except SafeJaxError as e:
+            raise SafeJaxError(f"config.sample.steps / scheduler: {e}") from e
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     step_cfg = step_config(config)
     accumulate = max(int(config.optim.accumulate), 1)
@@ -79,7 +119,8 @@ def train(config: Any) -> TrainResult:
                             batch_size=batch_size, seed=config.seed, subject_weight=config.data.subject_weight,
                             subject_format=config.data.subject_format, worker_count=config.data.worker_count,
                             read_threads=config.data.read_threads)
-    data = GlobalBatches(make_iterator(input_cfg, pipe.tokenizer), mesh, DATA_AXES)
+    data = resources.add("data", GlobalBatches(make_iterator(input_cfg, pipe.tokenizer, source=source), mesh,
+                                               DATA_AXES))
 
     global_batch = batch_size * jax.process_count()
     example = {"input_ids": jax.ShapeDtypeStruct((global_batch, 77), jnp.int32),
@@ -94,9 +135,9 @@ def train(config: Any) -> TrainResult:
     peak = config.peak_tflops * 1e12 if config.peak_tflops else device_peak_flops()
 
     resolved = json.loads(config.to_json())
-    ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
-                        best_metric=config.checkpoint.best_metric or None, best_mode=config.checkpoint.best_mode,
-                        async_save=config.checkpoint.async_save)
+    ckpt = resources.add("checkpointer", Checkpointer(
+        workdir / "checkpoints", keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric or None,
+        best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
     restored = ckpt.restore_latest(abstract, data)
     if restored is not None:
@@ -105,20 +146,21 @@ def train(config: Any) -> TrainResult:
         log.info("resumed from %s at step %d", ckpt.directory, at)
     start = int(sharding.local_value(state.step))
 
-    writer = MetricWriter(workdir)
+    writer = resources.add("writer", MetricWriter(workdir, resume_step=start))
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
         writer.text("config", "```\n" + json.dumps(resolved, indent=2) + "\n```")
     sampler = _Sampler(pipe, params, config, writer) if config.sample.every else None
-    monitor = _Monitor(config, writer, tx_lr=lr_at, flops=flops, peak=peak,
-                       images_per_step=global_batch, start=start)
+    monitor = resources.add("progress", _Monitor(config, writer, tx_lr=lr_at, flops=flops, peak=peak,
+                                                 images_per_step=global_batch, start=start))
     status = "finished"
-    with _Preemption() as preemption, ckpt:
+    with _Preemption() as preemption:
         pending = None  # (step, metrics) of the step in flight: read after the next one is dispatched
         step = start
         while step < config.steps:
             batch = _step_batch(next(data))
             state, metrics = step_fn(state, frozen, batch)
+            resources.in_flight = state  # waited for before anything closes, should the loop raise
             step += 1
             if pending is not None:
                 monitor.record(*pending)
@@ -131,20 +173,13 @@ def train(config: Any) -> TrainResult:
             if sampler and (step % config.sample.every == 0 or step == config.steps):
                 sampler(step, state, frozen)
             if stop:
-                status = "preempted"
-                log.warning("preempted: saved step %d to %s; run the same command to resume", step, ckpt.directory)
+                status = preemption.status
+                log.warning("%s: saved step %d to %s; run the same command to resume", preemption.reason, step,
+                            ckpt.directory)
                 break
         if pending is not None:
             monitor.record(*pending)
-    monitor.close()
-    data.close()
-
-    export_dir = None
-    if status == "finished" and config.export.enabled:
-        export_dir = Path(config.export.dir or workdir / "export")
-        export(pipe, params, state, frozen, config, export_dir)
-    writer.close()
-    return TrainResult(workdir, int(step), status, export_dir, workdir / "metrics.jsonl")
+    return state, status, step, (pipe, params, frozen)
 
 
 def step_config(config: Any) -> train_step.StepConfig:
@@ -178,6 +213,17 @@ def export(pipe: StableDiffusion, params: dict, state: train_step.TrainState, fr
 # --------------------------------------------------------------------------------------------
 # Host-side helpers
 # --------------------------------------------------------------------------------------------
+
+def _open_data(config: Any) -> Any:
+    """The data source ``config.data`` names; any failure to open it is bad input, named as such."""
+    d = config.data
+    try:
+        return data_source(d.name, d.split, d.data_dir)
+    except Exception as e:  # tfds raises many types for a wrong name, config, split or folder
+        where = f" in {d.data_dir}" if d.data_dir else ""
+        raise SafeJaxError(f"config.data.name / split / data_dir: cannot open {d.name!r} split {d.split!r}{where}: "
+                           f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}") from e
+
 
 def _load_model(config: Any) -> tuple[StableDiffusion, dict]:
     dtype = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(config.dtype, "?")
@@ -227,6 +273,73 @@ def _put(tree: Any, shardings: Any) -> Any:
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
     return jax.tree.map(put, tree, shardings)
+
+
+def _checkpoint_steps(directory: Path) -> list[int]:
+    """The steps of the complete checkpoints in ``directory``, ascending, from the folder names
+    alone (orbax renames a checkpoint's temporary folder to its step once it is complete)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _finished_step(directory: Path, steps: int, export_dir: Path | None) -> int | None:
+    """``steps`` when the latest checkpoint is at ``steps`` and the export (if any) was written
+    after it, else None. Cheap: folder names and times only, nothing loaded or compiled."""
+    found = _checkpoint_steps(directory)
+    done = bool(found) and found[-1] == steps
+    if done and export_dir is not None:
+        index = export_dir / "model_index.json"  # save_pretrained writes it last
+        done = index.is_file() and index.stat().st_mtime >= (directory / str(steps)).stat().st_mtime
+    if jax.process_count() > 1:  # every process takes process 0's answer
+        from jax.experimental import multihost_utils
+        done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    return steps if done else None
+
+
+class _Resources:
+    """What a run opens, closed in this order whatever ends it: the checkpointer (its in-flight
+    saves finish), the input pipeline, the progress bar, the metric writer.
+
+    When the run raises, the device work in flight (``in_flight``) is waited for first (tearing
+    down under a running computation can crash the process) and an error while closing is logged,
+    not raised over the first one; on a clean exit a closing error (a failed save) is raised.
+    """
+
+    ORDER = ("checkpointer", "data", "progress", "writer")
+
+    def __init__(self):
+        self._closers: dict[str, Callable[[], None]] = {}
+        self.in_flight: Any = None
+
+    def add(self, name: str, resource: Any) -> Any:
+        assert name in self.ORDER, name
+        self._closers[name] = resource.close
+        return resource
+
+    def __enter__(self) -> "_Resources":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.in_flight is not None:
+            try:
+                jax.block_until_ready(self.in_flight)
+            except Exception:  # e.g. buffers donated to a step that then failed
+                pass
+        first = None
+        for name in self.ORDER:
+            close = self._closers.pop(name, None)
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as e:
+                if exc_type is not None or first is not None:
+                    log.error("closing the %s failed too: %s: %s", name, type(e).__name__, e)
+                else:
+                    first = e
+        if first is not None:
+            raise first
 
 
 def _lora_scale(config: Any) -> float:
@@ -320,20 +433,27 @@ class _Sampler:
 
 
 class _Preemption:
-    """SIGTERM → save and stop. One process: our own handler. Several: JAX's preemption sync
-    point, so that every process stops after the same step."""
+    """SIGTERM or Ctrl-C (SIGINT) → save and stop. One process: our own handlers (a second
+    Ctrl-C stops at once, without the save). Several: JAX's preemption sync point, so that every
+    process stops after the same step."""
 
     def __init__(self):
         self._flag = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
+        self.status, self.reason = "preempted", "preempted"
 
     def __enter__(self) -> "_Preemption":
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         self._flag = True
+        if signum == signal.SIGINT:
+            self.status, self.reason = "interrupted", "interrupted (Ctrl-C)"
+            log.warning("Ctrl-C: saving after this step, then stopping (Ctrl-C again stops at once, without saving)")
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def requested(self, step: int) -> bool:
         if jax.process_count() == 1:
@@ -345,5 +465,7 @@ class _Preemption:
             return False
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(signum, previous)
+        self._previous = {}

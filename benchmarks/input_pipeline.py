@@ -101,7 +101,7 @@ def throughput(data_dir: str, tokenizer, args, workers: int, threads: int, dtype
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     host = make_iterator(cfg, tokenizer, shard=(0, 1))
     with GlobalBatches(host, mesh) as batches:
-        step = (lambda: next(batches)["image"].block_until_ready()) if global_arrays else (lambda: next(host))
+        step = (lambda: next(batches)["images"].block_until_ready()) if global_arrays else (lambda: next(host))
         for _ in range(args.warmup):  # worker start-up and the scaling's compile: not timed
             step()
         t, cpu = time.perf_counter(), _cpu_seconds()

@@ -168,7 +168,7 @@ def compile_ours(pipe, params, cfg, batch_np, args):
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     t0 = time.perf_counter()
-    step = ts.compile_train_step(ts.make_train_step(pipe, cfg, tx, reward), state, frozen, batch, mesh)
+    step = ts.compile_train_step(ts.make_train_step(ts.DiffusionModel.from_modules(pipe.unet, pipe.vae, pipe.schedule), pipe.conditioner, cfg, tx, reward), state, frozen, batch, mesh)
     return step, state, frozen, batch, time.perf_counter() - t0
 
 

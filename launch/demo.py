@@ -34,7 +34,7 @@ def run(out: Path, steps: int | None, num_prompts: int) -> int:
     import jax
 
     from launch.configs import tiny_safe
-    from safe_jax import report
+    from launch import report
     from safe_jax.data import data_source
     from safe_jax.metrics import finite_means
     from safe_jax.data.source import as_text, as_texts
@@ -45,7 +45,7 @@ def run(out: Path, steps: int | None, num_prompts: int) -> int:
     data_dir = out / "tfds"
     say = lambda text: print(f"[demo] {text}", file=sys.stderr, flush=True)
 
-    say("1/5 building anchor/sample (300 synthetic captioned images, subjects found at build time)")
+    say("1/5 building anchor/sample (300 synthetic captioned images, subjects known by construction)")
     source = data_source("anchor/sample", "validation", str(data_dir))
     build_report = next(data_dir.glob("anchor/sample/*/build_report.json"), None)
     records = [source[i] for i in range(min(num_prompts, len(source)))]
@@ -102,7 +102,7 @@ def run(out: Path, steps: int | None, num_prompts: int) -> int:
                                           "images_per_s"])),
         ("Before and after, without and with subject weighting",
          "Same prompts and seeds in every row; weighted rows scale the subjects' tokens by "
-         f"{config.data.subject_weight} (Compel).\n\n" + report.image_link(grids, out, "grids")
+         f"{config.subjects.weight:.4g} (Compel).\n\n" + report.image_link(grids, out, "grids")
          + "\n\nDFE reward (tiny CLIP caption score + α·ground-truth similarity) of the generated images:\n\n"
          + report.summary_table(rewards_table, ["model", "conditioning", "mean reward"])),
     ]
@@ -118,7 +118,7 @@ def _before_after(out: Path, config, export_dir: Path, captions, subjects, recor
     import jax.numpy as jnp
     import numpy as np
 
-    from safe_jax import report
+    from launch import report
     from safe_jax.data.transforms import load_image
     from safe_jax.pipeline import StableDiffusion
     from safe_jax.train import load_reward
@@ -130,7 +130,7 @@ def _before_after(out: Path, config, export_dir: Path, captions, subjects, recor
     for name, model in (("before", config.model), ("after", str(export_dir))):
         pipe, params = StableDiffusion.from_pretrained(model)
         for weighted in (False, True):
-            kw = dict(subjects=subjects, subject_weight=config.data.subject_weight) if weighted else {}
+            kw = dict(subjects=subjects, subject_weight=config.subjects.weight) if weighted else {}
             images = pipe.generate(params, captions, num_steps=config.sample.steps, guidance_scale=config.sample.guidance,
                                    scheduler=config.sample.scheduler, seed=0, height=size, width=size, **kw)
             rows.append(list(images))

@@ -1,10 +1,13 @@
 """safe-jax subjects: the key visual subjects of news captions, by an LLM or offline heuristics.
 
 Reads JSONL (one {"id", "caption"} a line) and writes JSONL (one {"id", "subjects"} a line, plus
-"error" for a caption that got no answer). The API key comes from OPENAI_API_KEY only (never a flag,
-so it stays out of shell history and process lists); OPENAI_BASE_URL or --base-url points at any
-OpenAI-compatible server. Exit code 0: all captions answered; 1: some failed (their lines carry
-"error"; a re-run retries only them); 2: bad input or an endpoint that cannot serve the run.
+"error" for a caption that got no answer). --manual-dir DIR reads an ANCHOR manual directory's
+records instead (anchor.jsonl or anchor.csv) and writes DIR/subjects.jsonl for those without
+subjects: the step before `tfds build`, which computes no subjects itself. The API key comes from
+OPENAI_API_KEY only (never a flag, so it stays out of shell history and process lists);
+OPENAI_BASE_URL or --base-url points at any OpenAI-compatible server. Exit code 0: all captions
+answered; 1: some failed (their lines carry "error"; a re-run retries only them); 2: bad input or
+an endpoint that cannot serve the run.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax subjects") -> int:
     p = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--in", dest="inp", metavar="PATH", help="input JSONL ('-' for stdin)")
     p.add_argument("--out", metavar="PATH", help="output JSONL ('-' for stdout), written atomically")
+    p.add_argument("--manual-dir", metavar="DIR", help="an ANCHOR manual directory instead of --in: its records "
+                                                       "without subjects (--out default: DIR/subjects.jsonl)")
     p.add_argument("--demo", action="store_true", help="print subjects of a few built-in captions and exit")
     p.add_argument("--backend", choices=("auto", "openai", "offline"), default="auto",
                    help="auto: openai when OPENAI_API_KEY is set, else offline (default)")
@@ -50,8 +55,10 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax subjects") -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log retries and failures")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.demo and (not args.inp or not args.out):
-        p.error("--in and --out are required (or --demo)")
+    if args.manual_dir and args.inp:
+        p.error("--in and --manual-dir exclude each other")
+    if not args.demo and not args.manual_dir and (not args.inp or not args.out):
+        p.error("--in and --out are required (or --manual-dir, or --demo)")
     if args.out and args.out != "-":
         try:
             output_file(args.out)
@@ -70,7 +77,10 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax subjects") -> int:
             for r in extractor.run(DEMO_CAPTIONS).results:
                 print(json.dumps({"caption": r.caption, "subjects": r.subjects}, ensure_ascii=False))
             return 0
-        records = read_records(args.inp)
+        if args.manual_dir:
+            records, args.out = _manual_dir_records(args.manual_dir, args.out)
+        else:
+            records = read_records(args.inp)
         extractor = SubjectExtractor(
             backend=args.backend, model=args.model, base_url=args.base_url, cache_path=args.cache,
             use_cache=not args.no_cache, batch_api=args.batch_api, concurrency=args.concurrency,
@@ -83,6 +93,23 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax subjects") -> int:
         return 1 if report.failures else 0
 
     return run()
+
+
+def _manual_dir_records(manual_dir: str, out: str | None) -> tuple[list, str]:
+    """(records of an ANCHOR manual directory without subjects, output path: DIR/subjects.jsonl
+    unless ``out``). Read as the build reads them: same tolerance of bad lines, same
+    whitespace-normalised captions, so every subject is a span of the caption the dataset stores."""
+    from safe_jax.errors import SafeJaxError
+    from safe_jax.subjects import Record
+    from tfds_anchor.anchor import manual
+    from tfds_anchor.anchor.build_report import BuildReport
+
+    try:
+        records = manual.read_records(manual_dir, BuildReport(config="subjects"))
+    except FileNotFoundError as e:
+        raise SafeJaxError(str(e)) from None
+    return ([Record(r.id, r.caption) for r in records if r.subjects is None],
+            out or str(Path(manual_dir) / manual.SUBJECTS_NAME))
 
 
 if __name__ == "__main__":

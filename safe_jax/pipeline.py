@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from safe_jax import conditioning as cond
+from safe_jax import conditioner as conditioner_lib
 from safe_jax import diffusers_io as io
-from safe_jax import presets, schedulers, tokenizer as tok
+from safe_jax import presets, schedulers, sharding, tokenizer as tok
+from safe_jax.conditioner import DEFAULT_WEIGHT, TextConditioner
 from safe_jax.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
 from safe_jax.models import clip_text
@@ -194,27 +195,31 @@ class StableDiffusion:
         return out
 
     # ------------------------------------------------------------------ text
+    @functools.cached_property
+    def conditioner(self) -> TextConditioner:
+        """The text encoder and tokenizer as the conditioning function training and evaluation share."""
+        return TextConditioner(self.text_encoder, self.tokenizer)
+
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        return tok.tokenize(self.tokenizer, list(prompts), self.text_encoder.config.max_position_embeddings)
+        return self.conditioner.tokenize(prompts)
 
     def token_weights(
         self,
         prompts: Sequence[str],
         subjects: Sequence[Sequence[str]] | None = None,
-        subject_weight: float = cond.DEFAULT_WEIGHT,
+        subject_weight: float = DEFAULT_WEIGHT,
         subject_format: str = "plain",
         prompt_syntax: str | None = None,
-    ) -> cond.TokenWeights:
+    ):
         """Token ids and per-token weights [B, 77] for prompts, their subjects or their weight syntax."""
-        return cond.prompt_token_weights(self.tokenizer, prompts, subjects, subject_weight, subject_format,
-                                         prompt_syntax, self.text_encoder.config.max_position_embeddings)
+        return self.conditioner.token_weights(prompts, subjects, subject_weight, subject_format, prompt_syntax)
 
     def encode_prompt(
         self,
         params: Params,
         prompts: Sequence[str],
         subjects: Sequence[Sequence[str]] | None = None,
-        subject_weight: float = cond.DEFAULT_WEIGHT,
+        subject_weight: float = DEFAULT_WEIGHT,
         weighting: str = "compel",
         subject_format: str = "plain",
         prompt_syntax: str | None = None,
@@ -226,28 +231,15 @@ class StableDiffusion:
         before the caption too. ``prompt_syntax`` ("compel" / "a1111") reads hand-written weights
         instead. With neither, this is the plain CLIP encoding.
         """
-        _check_weighting(weighting)
+        conditioner_lib.check_weighting(weighting)
         tw = self.token_weights(prompts, subjects, subject_weight, subject_format, prompt_syntax)
-        k = cond.count_downweighted(tw.weights) if weighting == "compel" else 0
+        k = conditioner_lib.num_downweighted(tw.weights, weighting)
         return self._encode_weighted(params["text_encoder"], jnp.asarray(tw.ids), jnp.asarray(tw.weights), weighting, k)
 
     @functools.partial(jax.jit, static_argnums=(0, 4, 5))
     def _encode_weighted(self, text_params: Params, ids: jax.Array, weights: jax.Array, weighting: str,
                          num_downweighted: int) -> jax.Array:
-        return self.conditioning(text_params, ids, weights, weighting, num_downweighted)
-
-    def conditioning(self, text_params: Params, ids: jax.Array, weights: jax.Array, weighting: str = "compel",
-                     num_downweighted: int = 0) -> jax.Array:
-        """Weighted text conditioning [B, 77, C] from ids and weights [B, 77]; traceable (training steps).
-
-        Encodes ``ids`` and the empty prompt (z∅), then applies ``conditioning.encode_weighted``.
-        ``num_downweighted`` is static (``conditioning.count_downweighted`` of the weights).
-        """
-        def encode(ids, attention_mask=None):
-            return self.text_encoder.apply({"params": text_params}, ids, attention_mask=attention_mask)["encoded"]
-
-        z_empty = encode(jnp.asarray(self.tokenize([""])))
-        return cond.encode_weighted(encode, ids, weights, z_empty, weighting, num_downweighted)
+        return self.conditioner(text_params, ids, weights, weighting, num_downweighted)
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -269,7 +261,7 @@ class StableDiffusion:
         latents_layout: str = "auto",
         seeds: Sequence[int] | None = None,
         subjects: Sequence[Sequence[str]] | None = None,
-        subject_weight: float = cond.DEFAULT_WEIGHT,
+        subject_weight: float = DEFAULT_WEIGHT,
         weighting: str = "compel",
         subject_format: str = "plain",
         prompt_syntax: str | None = None,
@@ -306,9 +298,9 @@ class StableDiffusion:
             raise SafeJaxError(f"unknown scheduler {scheduler!r} (choose from {', '.join(schedulers.SAMPLERS)})")
         if num_steps < 1:
             raise SafeJaxError("num_steps must be at least 1")
-        _check_weighting(weighting)
+        conditioner_lib.check_weighting(weighting)
         tw = self.token_weights(prompts, subjects, subject_weight, subject_format, prompt_syntax)
-        num_downweighted = cond.count_downweighted(tw.weights) if weighting == "compel" else 0
+        num_downweighted = conditioner_lib.num_downweighted(tw.weights, weighting)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         f = self.vae.config.downscale
@@ -325,10 +317,10 @@ class StableDiffusion:
         noise = (self._to_nhwc(latents, shape, latents_layout) if latents is not None
                  else initial_noise(seeds, shape[1:]))
 
-        mesh = Mesh(np.array(jax.local_devices()), ("data",))
+        mesh = sharding.make_mesh(devices=jax.local_devices())  # this host's devices, all on "data"
         pad = -b % mesh.size  # pad the batch to a multiple of the device count
         padded = lambda x: np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
-        batch = NamedSharding(mesh, P("data"))
+        batch = sharding.batch_sharding(mesh)
         cond_ids, cond_weights = (jax.device_put(padded(x), batch) for x in tw)
         uncond = jax.device_put(padded(self.tokenize(negative_prompts)), batch)
         noise = jax.device_put(padded(noise), batch)
@@ -357,13 +349,13 @@ class StableDiffusion:
                      num_downweighted: int = 0):
         sampler = schedulers.make_sampler(scheduler, self.schedule, num_steps)
         vae_cfg = self.vae.config
-        replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        replicated, batch = NamedSharding(mesh, P()), sharding.batch_sharding(mesh)
 
         def sample(params, cond_ids, cond_weights, uncond_ids, noise, guidance, step_keys):
             text_params = params["text_encoder"]
-            context = self.conditioning(text_params, cond_ids, cond_weights, weighting, num_downweighted)
+            context = self.conditioner(text_params, cond_ids, cond_weights, weighting, num_downweighted)
             if use_cfg:  # the unconditional / negative embedding is never weighted
-                uncond = self.text_encoder.apply({"params": text_params}, uncond_ids)["encoded"]
+                uncond = self.conditioner.encode(text_params, uncond_ids)
                 context = jnp.concatenate([uncond, context])
             x = noise * sampler.init_noise_sigma
 
@@ -410,8 +402,3 @@ def initial_noise(seeds: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def _step_keys(seeds: np.ndarray) -> jax.Array:
     """Per-image keys for the ancestral sampler's step noise, apart from the initial noise's."""
     return jax.vmap(lambda k: jax.random.fold_in(k, 1 << 30))(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)))
-
-
-def _check_weighting(weighting: str) -> None:
-    if weighting not in cond.METHODS:
-        raise SafeJaxError(f"unknown weighting {weighting!r} (choose from {', '.join(cond.METHODS)})")

@@ -226,13 +226,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",), mesh))
 
 
-def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
-    """This process's slice of the batch -> global arrays sharded by ``batch_sharding``.
+def shard_batch(local_batch: Any, mesh: Mesh, sharding: NamedSharding | None = None) -> Any:
+    """This process's slice of the batch -> global arrays sharded by ``batch_sharding`` (or ``sharding``).
 
     Each process passes only the examples it loaded; the global batch is their concatenation
     in process order (``jax.make_array_from_process_local_data``), so it is right on many hosts.
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh) if sharding is None else sharding
     shards = _axis_size(mesh, sharding.spec[0])
 
     def put(x):

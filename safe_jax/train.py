@@ -34,7 +34,6 @@ from safe_jax.pipeline import StableDiffusion
 from safe_jax.train_config import validate_config
 
 log = logging.getLogger(__name__)
-DATA_AXES = ("data", "fsdp")
 
 
 @dataclasses.dataclass
@@ -89,7 +88,7 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
         except SafeJaxError as e:
             raise SafeJaxError(f"config.sample.steps / scheduler: {e}") from e
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    step_cfg = step_config(config)
+    step_cfg = train_step.StepConfig.from_config(config, _lora_scale(config))
     accumulate = max(int(config.optim.accumulate), 1)
     schedule = (config.optim.lr, config.optim.warmup_steps // accumulate, max(config.steps // accumulate, 1),
                 config.optim.schedule)  # in optimizer updates: one per `accumulate` train steps
@@ -114,13 +113,9 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
 
     # The input pipeline: every process reads its own part of each global batch.
     batch_size = _per_host_batch(config, mesh)
-    input_cfg = InputConfig(name=config.data.name, split=config.data.split, data_dir=config.data.data_dir,
-                            resolution=config.data.resolution, crop=config.data.crop, flip=config.data.flip,
-                            batch_size=batch_size, seed=config.seed, subject_weight=config.data.subject_weight,
-                            subject_format=config.data.subject_format, worker_count=config.data.worker_count,
-                            read_threads=config.data.read_threads)
-    data = resources.add("data", GlobalBatches(make_iterator(input_cfg, pipe.tokenizer, source=source), mesh,
-                                               DATA_AXES))
+    input_cfg = InputConfig(**{**config.data, "batch_size": batch_size}, seed=config.seed,
+                            subject_weight=step_cfg.subjects.weight, subject_format=step_cfg.subjects.format)
+    data = resources.add("data", GlobalBatches(make_iterator(input_cfg, pipe.tokenizer, source=source), mesh))
 
     global_batch = batch_size * jax.process_count()
     example = {"input_ids": jax.ShapeDtypeStruct((global_batch, 77), jnp.int32),
@@ -128,7 +123,8 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
                "images": jax.ShapeDtypeStruct((global_batch, config.data.resolution, config.data.resolution, 3),
                                               jnp.float32)}
     t0 = time.perf_counter()
-    step_fn = train_step.compile_train_step(train_step.make_train_step(pipe, step_cfg, tx, reward),
+    model = train_step.DiffusionModel.from_modules(pipe.unet, pipe.vae, pipe.schedule)
+    step_fn = train_step.compile_train_step(train_step.make_train_step(model, pipe.conditioner, step_cfg, tx, reward),
                                             state, frozen, example, mesh)
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
     flops = compiled_flops(step_fn)
@@ -158,7 +154,7 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
         pending = None  # (step, metrics) of the step in flight: read after the next one is dispatched
         step = start
         while step < config.steps:
-            batch = _step_batch(next(data))
+            batch = next(data)
             state, metrics = step_fn(state, frozen, batch)
             resources.in_flight = state  # waited for before anything closes, should the loop raise
             step += 1
@@ -180,16 +176,6 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
         if pending is not None:
             monitor.record(*pending)
     return state, status, step, (pipe, params, frozen)
-
-
-def step_config(config: Any) -> train_step.StepConfig:
-    loss = config.loss
-    return train_step.StepConfig(
-        mode=config.mode, lora_scale=_lora_scale(config),
-        loss=loss.kind, mix=loss.mix, refl_weight=loss.refl_weight, weighting=loss.weighting,
-        cond_dropout=loss.cond_dropout, min_snr_gamma=loss.min_snr_gamma, refl_steps=loss.refl_steps,
-        refl_step_range=(loss.refl_step_min, loss.refl_step_max), refl_lambda=loss.refl_lambda,
-        refl_grad_scale=loss.refl_grad_scale, ema_decay=config.optim.ema_decay, nan_policy=config.nan_policy)
 
 
 def export(pipe: StableDiffusion, params: dict, state: train_step.TrainState, frozen: dict, config: Any,
@@ -261,10 +247,6 @@ def _per_host_batch(config: Any, mesh: Any) -> int:
         raise SafeJaxError(f"train: the global batch ({b}) must be a multiple of the data×fsdp devices "
                            f"({shards}) and of the number of processes ({n})")
     return b // n
-
-
-def _step_batch(batch: dict) -> dict:
-    return {"input_ids": batch["ids"], "token_weights": batch["weights"], "images": batch["image"]}
 
 
 def _put(tree: Any, shardings: Any) -> Any:
@@ -423,8 +405,9 @@ class _Sampler:
         s = self.config.sample
         kw = dict(num_steps=s.steps, guidance_scale=s.guidance, scheduler=s.scheduler, seed=self.config.seed)
         plain = self.pipe.generate(params, self.prompts, **kw)
-        weighted = self.pipe.generate(params, self.prompts, subjects=self.subjects,
-                                      subject_weight=self.config.data.subject_weight, **kw)
+        subjects = self.config.subjects
+        weighted = self.pipe.generate(params, self.prompts, subjects=self.subjects, subject_weight=subjects.weight,
+                                      weighting=subjects.weighting, subject_format=subjects.format, **kw)
         grid = np.concatenate([np.concatenate(list(plain), 1), np.concatenate(list(weighted), 1)], 0)
         self.dir.mkdir(parents=True, exist_ok=True)
         from PIL import Image

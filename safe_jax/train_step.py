@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import optax
 
 from safe_jax import lora, losses, sharding
+from safe_jax.conditioner import SubjectSettings, TextConditioner
 from safe_jax.errors import SafeJaxError
 from safe_jax.models.vae import AutoencoderKL, sample_posterior
+from safe_jax.schedulers import ScheduleConfig
 
 
 @flax.struct.dataclass
@@ -39,8 +41,7 @@ class StepConfig:
     loss: str = "both"  # "denoising" | "refl" | "both"
     mix: str = "alternate"  # with "both": "alternate" (ReFL on odd steps) | "weighted"
     refl_weight: float = 1.0  # with mix="weighted": loss = denoising + refl_weight · refl
-    weighting: str = "compel"
-    num_downweighted: int = 0
+    subjects: SubjectSettings = SubjectSettings()  # the weighting; the data pipeline applied the weights
     cond_dropout: float = 0.1
     min_snr_gamma: float | None = None
     refl_steps: int = 40
@@ -49,6 +50,19 @@ class StepConfig:
     refl_grad_scale: float = 1e-3
     ema_decay: float | None = 0.999
     nan_policy: str = "skip"  # "skip" the update | "halt" (the host loop raises)
+
+    # config.loss keys whose StepConfig field has another name or shape
+    _LOSS_FIELDS = {"kind": "loss", "refl_step_min": None, "refl_step_max": None}
+
+    @classmethod
+    def from_config(cls, config: Any, lora_scale: float = 1.0) -> "StepConfig":
+        """From a training config (``launch/configs/base.py``): its ``loss`` and ``subjects``
+        sections as they are, plus the mode, EMA and NaN policy."""
+        loss = dict(config.loss)
+        fields = {cls._LOSS_FIELDS.get(k, k): v for k, v in loss.items() if cls._LOSS_FIELDS.get(k, k)}
+        fields["refl_step_range"] = (loss["refl_step_min"], loss["refl_step_max"])
+        return cls(mode=config.mode, lora_scale=lora_scale, subjects=SubjectSettings(**config.subjects),
+                   ema_decay=config.optim.ema_decay, nan_policy=config.nan_policy, **fields)
 
     def __post_init__(self):
         checks = {"mode": ("full", "lora"), "loss": ("denoising", "refl", "both"),
@@ -89,7 +103,35 @@ def _placeholder(x: jax.ShapeDtypeStruct) -> jax.Array:
     return jnp.full(x.shape, jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else -1, x.dtype)
 
 
-def make_train_step(pipe, cfg: StepConfig, tx: optax.GradientTransformation, reward=None):
+@dataclasses.dataclass(frozen=True)
+class DiffusionModel:
+    """What a training step needs of a latent diffusion model: pure apply functions of explicit
+    parameters, the noise schedule and the latent scale; not the sampler (``StableDiffusion``)."""
+
+    unet: Any      # (unet_params, latents, timesteps, context) -> ε or v prediction
+    encode: Any    # (vae_params, images in [-1, 1]) -> (mean, logvar) of the latent posterior
+    decode: Any    # (vae_params, latents / scaling_factor) -> images in [-1, 1]
+    schedule: ScheduleConfig
+    scaling_factor: float
+
+    @classmethod
+    def from_modules(cls, unet: Any, vae: AutoencoderKL, schedule: ScheduleConfig) -> "DiffusionModel":
+        return cls(unet=lambda p, x, t, c: unet.apply({"params": p}, x, t, c),
+                   encode=lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode),
+                   decode=lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode),
+                   schedule=schedule, scaling_factor=vae.config.scaling_factor)
+
+
+def step_conditioning(conditioner: TextConditioner, cfg: StepConfig, text_params: Any, batch: dict,
+                      z_empty: jax.Array | None = None) -> jax.Array:
+    """The subject-weighted context [B, 77, C] a step trains on: ``cfg.subjects``' weighting of the
+    batch's token weights, with as many Compel blend passes as the settings allow (w < 1)."""
+    return conditioner(text_params, batch["input_ids"], batch["token_weights"], cfg.subjects.weighting,
+                       cfg.subjects.training_downweighted, z_empty=z_empty)
+
+
+def make_train_step(model: DiffusionModel, conditioner: TextConditioner, cfg: StepConfig,
+                    tx: optax.GradientTransformation, reward=None):
     """``step(state, frozen, batch) -> (state, metrics)``.
 
     ``frozen``: {"text_encoder", "vae", "unet" (the base, for LoRA), "reward"} parameter trees.
@@ -97,27 +139,22 @@ def make_train_step(pipe, cfg: StepConfig, tx: optax.GradientTransformation, rew
     [B, h, w, 4] (precomputed, already scaled) or "images" [B, H, W, 3] in [-1, 1]; ReFL rewards
     may read more keys (e.g. "gt_images" for DFE).
     """
-    schedule = pipe.schedule
-    scaling = pipe.vae.config.scaling_factor
+    schedule, scaling = model.schedule, model.scaling_factor
     if cfg.loss != "denoising" and reward is None:
         raise SafeJaxError("train: a ReFL loss needs a reward")
-
-    def unet(params, x, t, context):
-        return pipe.unet.apply({"params": params}, x, t, context)
+    unet = model.unet
 
     def step(state: TrainState, frozen: dict, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         k_lat, k_drop, k_den, k_refl = jax.random.split(key, 4)
-        decode = lambda z: pipe.vae.apply({"params": frozen["vae"]}, z, method=AutoencoderKL.decode)
-        context = pipe.conditioning(frozen["text_encoder"], batch["input_ids"], batch["token_weights"],
-                                    cfg.weighting, cfg.num_downweighted)
-        context = jax.lax.stop_gradient(context)
+        decode = lambda z: model.decode(frozen["vae"], z)
+        empty = conditioner.empty(frozen["text_encoder"])  # z∅ once: the weighting and the dropout share it
+        context = jax.lax.stop_gradient(step_conditioning(conditioner, cfg, frozen["text_encoder"], batch, empty))
         if "latents" in batch:
             latents = batch["latents"]
         else:
-            mean, logvar = pipe.vae.apply({"params": frozen["vae"]}, batch["images"], method=AutoencoderKL.encode)
+            mean, logvar = model.encode(frozen["vae"], batch["images"])
             latents = jax.lax.stop_gradient(sample_posterior(mean, logvar, k_lat) * scaling)
-        empty = pipe.text_encoder.apply({"params": frozen["text_encoder"]}, jnp.asarray(pipe.tokenize([""])))["encoded"]
 
         reward_batch = dict(batch)
         if "images" in batch and "gt_images" not in batch:  # DFE's image term: the ground truth in [0, 1]

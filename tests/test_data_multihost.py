@@ -38,10 +38,10 @@ WORKER = textwrap.dedent("""
     host = make_iterator(cfg, tok)
     with GlobalBatches(host, mesh, "data") as batches:
         first = next(batches)
-    local = first["ids"].addressable_shards[0].data
-    total = jax.jit(lambda x: x.astype(np.float32).sum())(first["weights"])  # a cross-process reduction
+    local = first["input_ids"].addressable_shards[0].data
+    total = jax.jit(lambda x: x.astype(np.float32).sum())(first["token_weights"])  # a cross-process reduction
     json.dump({"process": jax.process_index(), "count": jax.process_count(), "ids": ids,
-               "global_shape": list(first["image"].shape), "local_rows": int(local.shape[0]),
+               "global_shape": list(first["images"].shape), "local_rows": int(local.shape[0]),
                "weight_sum": float(total)}, open(out, "w"))
     jax.distributed.shutdown()
 """)

@@ -15,8 +15,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from safe_jax.conditioning import DEFAULT_WEIGHT, subject_token_weights  # noqa: E402
 from safe_jax.data import (  # noqa: E402
-    GlobalBatches, InputConfig, data_source, global_batch, data_sharding, load_image, make_iterator, restore_args,
-    save_args,
+    GlobalBatches, InputConfig, data_source, global_batch, data_sharding, load_image, make_iterator,
 )
 from safe_jax.tokenizer import tiny_tokenizer  # noqa: E402
 
@@ -54,11 +53,11 @@ def assert_same(a, b):
 def test_batches_hold_images_in_unit_range_and_subject_weights(data_dir, tokenizer):
     (batch,) = take(make_iterator(config(data_dir, resolution=48, flip=False, crop="center",
                                                  image_dtype="float32"), tokenizer, shard=(0, 1)), 1)
-    assert batch["image"].shape == (4, 48, 48, 3) and batch["image"].dtype == np.float32
-    assert -1.0 <= batch["image"].min() < -0.5 and 0.5 < batch["image"].max() <= 1.0
-    assert batch["ids"].shape == (4, 77) and batch["ids"].dtype == np.int32
-    assert batch["weights"].shape == (4, 77) and batch["weights"].dtype == np.float32
-    assert set(np.unique(batch["weights"])) == {1.0, np.float32(DEFAULT_WEIGHT)}
+    assert batch["images"].shape == (4, 48, 48, 3) and batch["images"].dtype == np.float32
+    assert -1.0 <= batch["images"].min() < -0.5 and 0.5 < batch["images"].max() <= 1.0
+    assert batch["input_ids"].shape == (4, 77) and batch["input_ids"].dtype == np.int32
+    assert batch["token_weights"].shape == (4, 77) and batch["token_weights"].dtype == np.float32
+    assert set(np.unique(batch["token_weights"])) == {1.0, np.float32(DEFAULT_WEIGHT)}
     source = data_source("anchor/sample", "train", data_dir)
     by_id = {source[i]["image_id"]: source[i] for i in range(len(source))}
     for row, image_id in enumerate(batch["image_id"]):
@@ -66,15 +65,15 @@ def test_batches_hold_images_in_unit_range_and_subject_weights(data_dir, tokeniz
         caption = record["caption"].decode()
         subjects = [s.decode() for s in record["subjects"]]
         expected = subject_token_weights(tokenizer, [caption], [subjects])
-        np.testing.assert_array_equal(batch["ids"][row], expected.ids[0])
-        np.testing.assert_array_equal(batch["weights"][row], expected.weights[0])
+        np.testing.assert_array_equal(batch["input_ids"][row], expected.ids[0])
+        np.testing.assert_array_equal(batch["token_weights"][row], expected.weights[0])
         # centre crop, no flip: the stored image resized by its shorter side, middle square
         im = Image.open(io.BytesIO(record["image"]))
         w, h = im.size
         side = min(w, h)
         ref = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
         ref = np.asarray(ref.resize((48, 48), Image.Resampling.BILINEAR), np.float32) / 127.5 - 1
-        assert np.abs(batch["image"][row] - ref).mean() < 0.03
+        assert np.abs(batch["images"][row] - ref).mean() < 0.03
 
 
 def test_load_image_crops_and_flips():
@@ -131,9 +130,12 @@ def test_resume_in_process_is_exact(data_dir, tokenizer):
 
 
 def test_resume_through_orbax_with_worker_processes(data_dir, tokenizer, tmp_path):
-    """Save the train state and the iterator (2 worker processes) with orbax; restore in a fresh
-    iterator; the next global batches equal the uninterrupted run's, bit for bit."""
+    """Save the train state and the iterator (2 worker processes) with the training Checkpointer
+    (orbax); restore in a fresh iterator; the next global batches equal the uninterrupted run's,
+    bit for bit."""
     import orbax.checkpoint as ocp
+
+    from safe_jax.checkpointing import Checkpointer
 
     cfg = config(data_dir, batch_size=2, worker_count=2, read_threads=1, resolution=24)
     mesh = jax.make_mesh((1,), ("data",))
@@ -141,30 +143,31 @@ def test_resume_through_orbax_with_worker_processes(data_dir, tokenizer, tmp_pat
     with GlobalBatches(make_iterator(cfg, tokenizer, shard=(0, 1)), mesh) as batches:
         for _ in range(5):
             next(batches)
-        with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-            manager.save(5, args=save_args(train_state, batches))
-            manager.wait_until_finished()
+        with Checkpointer(tmp_path / "ckpt", best_metric=None) as checkpointer:
+            checkpointer.save(5, train_state, batches, config={"data": "anchor/sample"})
+            checkpointer.wait()
         expected = [{k: np.asarray(v) for k, v in next(batches).items()} for _ in range(4)]
     assert (tmp_path / "ckpt" / "5" / "data" / "process_0-of-1.json").is_file()
 
     with GlobalBatches(make_iterator(cfg, tokenizer, shard=(0, 1)), mesh) as fresh:
-        with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        with Checkpointer(tmp_path / "ckpt", best_metric=None) as checkpointer:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, train_state)
-            restored = manager.restore(5, args=restore_args(abstract, fresh))
-        np.testing.assert_array_equal(restored["state"]["w"], train_state["w"])
+            restored, _, step = checkpointer.restore_latest(abstract, fresh)
+        assert step == 5
+        np.testing.assert_array_equal(restored["w"], train_state["w"])
         got = [{k: np.asarray(v) for k, v in next(fresh).items()} for _ in range(4)]
     assert_same(got, expected)
-    assert set(got[0]) == {"image", "ids", "weights"}  # strings stay on the host
-    assert got[0]["image"].dtype == np.float32 and -1 <= got[0]["image"].min() < got[0]["image"].max() <= 1
+    assert set(got[0]) == {"images", "input_ids", "token_weights"}  # strings stay on the host
+    assert got[0]["images"].dtype == np.float32 and -1 <= got[0]["images"].min() < got[0]["images"].max() <= 1
 
 
 def test_global_batch_layout(data_dir, tokenizer):
     mesh = jax.make_mesh((1, 1), ("data", "model"))
     (batch,) = take(make_iterator(config(data_dir, image_dtype="uint8"), tokenizer, shard=(0, 1)), 1)
     out = global_batch(batch, data_sharding(mesh, "data"))
-    assert out["image"].shape == (4, 32, 32, 3) and out["image"].dtype == jnp.uint8
-    assert out["image"].sharding.spec == jax.sharding.PartitionSpec("data")
-    np.testing.assert_array_equal(np.asarray(out["ids"]), batch["ids"])
+    assert out["images"].shape == (4, 32, 32, 3) and out["images"].dtype == jnp.uint8
+    assert out["images"].sharding.spec == jax.sharding.PartitionSpec("data")
+    np.testing.assert_array_equal(np.asarray(out["input_ids"]), batch["input_ids"])
     with pytest.raises(ValueError, match="data axes"):
         data_sharding(mesh, ("batch",))
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safe_jax import SafeJaxError, report
+from launch import report
+from safe_jax import SafeJaxError
 
 
 def _write_lines(path, lines):

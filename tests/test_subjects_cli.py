@@ -88,6 +88,32 @@ def test_openai_backend_rerun_makes_zero_requests_and_reports_failures(tmp_path,
     assert "6 from cache, 0 requests" in capsys.readouterr().err
 
 
+def test_manual_dir_writes_subjects_of_records_without_any(tmp_path, no_key, capsys):
+    """The step before an ANCHOR build: the manual directory read as the builder reads it (bad lines
+    skipped, captions on one line), subjects only for records without any, into DIR/subjects.jsonl."""
+    pytest.importorskip("tensorflow_datasets")
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    write_jsonl(manual / "anchor.jsonl", [
+        {"id": "a", "caption": "Firefighters at a flooded\n street   in Leeds.", "image": "a.jpg"},
+        {"id": "b", "caption": BORIS, "image": "b.jpg", "subjects": ["Boris Johnson"]},
+        '{"id": "c", "caption": "unterminated',
+        {"id": 7, "caption": BORIS, "image": "c.jpg"},
+    ])
+    assert main(["--manual-dir", str(manual), "--quiet"]) == 0
+    assert read_jsonl(manual / "subjects.jsonl") == [
+        {"id": "a", "subjects": ["Leeds", "Firefighters", "flooded street"]},
+        {"id": "7", "subjects": ["Boris Johnson", "Olympic rings", "Tower Bridge", "photographers"]}]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--manual-dir", str(manual), "--in", str(manual / "anchor.jsonl")])
+    assert e.value.code == 2
+    assert "--in and --manual-dir exclude each other" in capsys.readouterr().err
+    assert main(["--manual-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("safe-jax subjects: error: ") and "anchor.jsonl" in err and "\n" not in err
+
+
 def test_demo_runs_as_a_module_without_a_key(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
     res = subprocess.run([sys.executable, "-m", "launch.subjects", "--demo"], capture_output=True, text=True,

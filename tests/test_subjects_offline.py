@@ -9,7 +9,7 @@ import pytest
 
 from safe_jax.errors import SafeJaxError
 from safe_jax.subjects import default_cache_path, extract, match_phrases, offline_subjects, resolve_backend
-from safe_jax.subjects.prompt import SCHEMA, MalformedAnswer, parse_answer, request_body
+from safe_jax.subjects.llm_prompt import SCHEMA, MalformedAnswer, parse_answer, request_body
 from safe_jax.subjects.ratelimit import Backoff, parse_retry_after
 from safe_jax.subjects.redact import Redactor
 

@@ -13,7 +13,7 @@ from loopback_openai import LoopbackOpenAI, Reply
 from safe_jax.errors import SafeJaxError
 from safe_jax.subjects import SubjectExtractor, batch as batch_mod
 from safe_jax.subjects.cache import SubjectCache
-from safe_jax.subjects.prompt import PROMPT_VERSION
+from safe_jax.subjects.llm_prompt import PROMPT_VERSION
 from safe_jax.subjects.ratelimit import Backoff
 
 KEY = "sk-loopback-SECRET-7f3a9c2e1d5b"

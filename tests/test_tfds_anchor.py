@@ -18,7 +18,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from tfds_anchor.anchor import images, manual, synthetic  # noqa: E402
 from tfds_anchor.anchor.anchor_dataset_builder import AnchorConfig, Builder  # noqa: E402
-from tfds_anchor.anchor.report import BuildReport, NoRecordKept, read_report  # noqa: E402
+from tfds_anchor.anchor.build_report import BuildReport, NoRecordKept, read_report  # noqa: E402
 from tfds_anchor.anchor.sources import normalise_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ _HIDE_TENSORFLOW = textwrap.dedent("""
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
-    """No LLM calls: records without subjects get the offline heuristics; caches stay in tmp."""
+    """No LLM calls where subjects are found (before the build, or after it); caches stay in tmp."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -90,6 +90,48 @@ def test_build_and_read_without_tensorflow(tmp_path):
         assert any(f.startswith("anchor-train.array_record") for f in out[name]["files"])
     assert "anchor: read" not in proc.stderr  # the summary goes to stdout
     assert "anchor/default: read 15 records, kept 9" in proc.stdout
+
+
+def test_tfds_anchor_stands_alone_and_stores_missing_subjects_empty(tmp_path):
+    """tfds_anchor imports no safe_jax or launch module, even to build. A record without subjects
+    is stored with an empty list, which the input pipeline's ``fill_missing_subjects`` fills offline."""
+    data_dir = str(tmp_path / "data")
+    script = textwrap.dedent(f"""
+        import json, sys
+        import tensorflow_datasets as tfds
+        import tfds_anchor
+        for name, manual in (("anchor/sample", None), ("anchor/default", {str(DUMMY)!r})):
+            tfds.builder(name, data_dir={data_dir!r}).download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual))
+        print("RESULT" + json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("safe_jax", "launch"))))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), cwd=tmp_path,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.split("RESULT", 1)[1]) == []
+
+    from safe_jax.data import fill_missing_subjects
+
+    examples = [ex for split in ("train", "validation", "test")
+                for ex in tfds.data_source("anchor/default", split=split, data_dir=data_dir)]
+    rows = [json.loads(line) for line in (DUMMY / "anchor.jsonl").read_text().splitlines() if line.strip()]
+    given = {row["id"]: row.get("subjects") for row in rows}
+    stored = [[s.decode() for s in ex["subjects"]] for ex in examples]
+    ids = [ex["image_id"].decode() for ex in examples]
+    assert any(given.get(i) for i in ids) and any(not given.get(i) for i in ids)
+    for i, s in zip(ids, stored):
+        assert s == (given.get(i) or [])  # given subjects kept as they are, missing ones empty
+    notes = read_report(tfds.builder("anchor/default", data_dir=data_dir).data_path)["notes"]
+    assert notes["records without subjects, stored with an empty list (none given, and none in subjects.jsonl)"] \
+        == sum(not s for s in stored)
+    captions = [ex["caption"].decode() for ex in examples]
+    filled = fill_missing_subjects([ex["caption"] for ex in examples], [ex["subjects"] for ex in examples])
+    for caption, before, after in zip(captions, stored, filled):
+        assert after and all(s.lower() in caption.lower() for s in after)
+        if before:
+            assert after == before
+    sample = tfds.data_source("anchor/sample", split="validation", data_dir=data_dir)
+    assert all(len(ex["subjects"]) for ex in sample)  # sample records carry subjects by construction
 
 
 # ---------------------------------------------------------------------------------- bad records
@@ -174,13 +216,20 @@ def _planted_manual_dir(root: Path) -> tuple[set[str], dict[str, int]]:
 
 def test_bad_records_are_counted_and_good_ones_kept(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # bomb.png (300K pixels) is then over twice the limit
+    from launch.subjects import main as subjects_cli
+
     good, skips = _planted_manual_dir(tmp_path / "manual")
+    # The step before the build: subjects of the records without any, into manual/subjects.jsonl.
+    assert subjects_cli(["--manual-dir", str(tmp_path / "manual"), "--backend", "offline", "--quiet"]) == 0
+    assert (tmp_path / "manual" / "subjects.jsonl").is_file()
+    capsys.readouterr()
     config = AnchorConfig(name="planted", subset="non_entity", max_side=128, min_side=32)
     builder = Builder(config=config, data_dir=str(tmp_path / "data"))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual")))
 
     report = read_report(builder.data_path)
     assert report["skipped"] == skips
+    assert report["notes"]["records with subjects from subjects.jsonl"] == len(good) - 1  # good-large has its own
     assert report["records_read"] == 23  # the blank line is not a record
     assert report["kept_total"] == len(good)
     assert set(report["converted_to_rgb"]) == {"CMYK", "RGBA", "P", "L", "I;16"}
@@ -207,7 +256,7 @@ def test_bad_records_are_counted_and_good_ones_kept(tmp_path, monkeypatch, capsy
     assert names[seen["good-16bit"][1]["source"]] == "other"
     for _, ex in seen.values():
         assert ex["image"].ndim == 3 and ex["image"].shape[2] == 3
-        assert ex["subjects"], "computed by safe_jax.subjects when not given"
+        assert ex["subjects"], "given, or found before the build by `safe-jax subjects --manual-dir`"
         caption = ex["caption"].decode()
         assert all(s.decode().lower() in caption.lower() for s in ex["subjects"])
     cmyk = seen["good-cmyk"][1]["image"].astype(float)

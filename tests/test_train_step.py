@@ -15,6 +15,7 @@ import pytest
 from safe_jax import losses, lora, rewards, sharding
 from safe_jax import train_step as ts
 from safe_jax.pipeline import StableDiffusion
+from conftest import rel_l2
 
 
 def _setup(cfg: ts.StepConfig, lr=1e-3, batch_size=2, seed=0):
@@ -30,12 +31,17 @@ def _setup(cfg: ts.StepConfig, lr=1e-3, batch_size=2, seed=0):
     return pipe, tx, ts.init_state(trainable, tx, seed=seed), frozen, batch
 
 
+def _step_fn(pipe, cfg, tx, reward=None):
+    model = ts.DiffusionModel.from_modules(pipe.unet, pipe.vae, pipe.schedule)
+    return ts.make_train_step(model, pipe.conditioner, cfg, tx, reward)
+
+
 def test_refl_raises_the_reward():
     """With the brightness reward, a short ReFL run on `tiny` brightens the images well beyond noise."""
     cfg = ts.StepConfig(mode="full", loss="refl", refl_steps=4, refl_step_range=(1, 3), ema_decay=None)
     pipe, tx, state, frozen, batch = _setup(cfg, lr=3e-4)
     brightness = rewards.make_reward("brightness")
-    context = pipe.conditioning(frozen["text_encoder"], batch["input_ids"], batch["token_weights"])
+    context = pipe.conditioner(frozen["text_encoder"], batch["input_ids"], batch["token_weights"])
 
     @jax.jit
     def mean_reward(unet_params, key):  # the reward of the ReFL prediction, for one noise/step draw
@@ -47,7 +53,7 @@ def test_refl_raises_the_reward():
 
     keys = [jax.random.key(100 + i) for i in range(6)]
     before = np.array([float(mean_reward(state.params, k)) for k in keys])
-    step = ts.compile_train_step(ts.make_train_step(pipe, cfg, tx, brightness), state, frozen, batch,
+    step = ts.compile_train_step(_step_fn(pipe, cfg, tx, brightness), state, frozen, batch,
                                  sharding.make_mesh())
     for _ in range(12):
         state, metrics = step(state, frozen, batch)
@@ -98,7 +104,7 @@ def test_nan_guard_skips_the_update():
     cfg = ts.StepConfig(mode="lora", loss="denoising")
     pipe, tx, state, frozen, batch = _setup(cfg)
     batch = dict(batch, images=batch["images"].at[0, 0, 0, 0].set(jnp.nan))
-    step = jax.jit(ts.make_train_step(pipe, cfg, tx))
+    step = jax.jit(_step_fn(pipe, cfg, tx))
     before = jax.tree.map(np.asarray, state.params)
     state, metrics = step(state, frozen, batch)
     assert not bool(metrics["finite"])
@@ -109,13 +115,13 @@ def test_nan_guard_skips_the_update():
 SHARDED = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp, numpy as np
     sys.path.insert(0, "tests")
-    from test_train_step import _setup
+    from test_train_step import _setup, _step_fn
     from safe_jax import sharding, train_step as ts
     cfg = ts.StepConfig(mode="full", loss="denoising", cond_dropout=0.0, ema_decay=None)
     results = {}
     for name, mesh in (("one", sharding.make_mesh(devices=jax.devices()[:1])), ("2x4", sharding.make_mesh(data=2, fsdp=4))):
         pipe, tx, state, frozen, batch = _setup(cfg, batch_size=8)
-        step_fn = ts.make_train_step(pipe, cfg, tx)
+        step_fn = _step_fn(pipe, cfg, tx)
         compiled = ts.compile_train_step(step_fn, state, frozen, batch, mesh)
         state = jax.device_put(state, sharding.shardings_for(state, mesh))
         new, metrics = compiled(state, frozen, batch)
@@ -145,3 +151,31 @@ def test_sharded_step_equals_single_device():
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "REL" in res.stdout
+
+
+@pytest.mark.parametrize("weight", [0.8, 1.21])
+def test_training_conditions_as_inference_does(weight, tmp_path):
+    """The context the step trains on, from a training config's subjects section and the input
+    pipeline's token weights, equals ``pipe.encode_prompt`` on the same captions and subjects; for
+    w < 1 that includes Compel's down-weighting blend."""
+    from launch.configs import tiny_safe
+    from safe_jax.data import InputConfig, data_source, make_iterator
+    from safe_jax.data.source import as_text, as_texts
+
+    config = tiny_safe.get_config()
+    config.subjects.weight = weight
+    pipe, params = StableDiffusion.from_pretrained("tiny")
+    step_cfg = ts.StepConfig.from_config(config)
+    assert step_cfg.subjects.training_downweighted == (8 if weight < 1 else 0)
+    data = make_iterator(InputConfig(data_dir=str(tmp_path / "tfds"), resolution=16, batch_size=4, worker_count=0,
+                                     shuffle=False, subject_weight=step_cfg.subjects.weight), pipe.tokenizer)
+    batch = next(data)
+    ours = jax.jit(lambda p, b: ts.step_conditioning(pipe.conditioner, step_cfg, p, b))(
+        params["text_encoder"], {k: batch[k] for k in ("input_ids", "token_weights")})
+    source = data_source("anchor/sample", "train", str(tmp_path / "tfds"))
+    by_id = {source[i]["image_id"]: source[i] for i in range(len(source))}
+    records = [by_id[bytes(image_id)] for image_id in batch["image_id"]]
+    ref = pipe.encode_prompt(params, [as_text(r["caption"]) for r in records],
+                             subjects=[as_texts(r["subjects"]) for r in records], subject_weight=weight)
+    assert (np.asarray(batch["token_weights"]) != 1).any()  # the captions have weighted subjects
+    assert rel_l2(ours, ref) <= 1e-6

@@ -8,6 +8,8 @@ updates every k of them. ``data.batch_size`` is the global batch (all hosts toge
 
 from ml_collections import ConfigDict, config_dict
 
+from safe_jax.conditioner import DEFAULT_WEIGHT
+
 placeholder = config_dict.placeholder
 
 
@@ -32,10 +34,14 @@ def get_config() -> ConfigDict:
     c.data.batch_size = 4             # global
     c.data.crop = "center"
     c.data.flip = True
-    c.data.subject_weight = 1.21      # Compel's (subject)++
-    c.data.subject_format = "plain"
     c.data.worker_count = 2
     c.data.read_threads = 2
+
+    c.subjects = ConfigDict()         # SAFE part 1: how the caption's subjects weigh in the conditioning
+    c.subjects.weight = DEFAULT_WEIGHT  # 1.1² = Compel's (subject)++, the paper's choice
+    c.subjects.weighting = "compel"   # "compel" (z∅ + w·(z − z∅)) or "a1111" (z·w, mean restored)
+    c.subjects.format = "plain"       # "plain", or "prefix" ("A photo of s1, s2. <caption>", the authors' code)
+    c.subjects.max_downweighted = 8   # with weight < 1: Compel fragments blended per caption (static)
 
     c.mesh = ConfigDict()             # sizes; one may be -1 ("the rest")
     c.mesh.data = -1
@@ -46,7 +52,6 @@ def get_config() -> ConfigDict:
     c.loss.kind = "both"              # "denoising", "refl" or "both"
     c.loss.mix = "alternate"          # with "both": "alternate" (every second step is ReFL) or "weighted"
     c.loss.refl_weight = 1.0          # with "weighted": denoising + refl_weight · ReFL
-    c.loss.weighting = "compel"       # subject weighting of the conditioning: "compel" or "a1111"
     c.loss.cond_dropout = 0.1
     c.loss.min_snr_gamma = placeholder(float)
     c.loss.refl_steps = 40

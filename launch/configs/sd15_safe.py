@@ -24,7 +24,7 @@ def get_config():
     c.data.name = "anchor/default"
     c.data.resolution = 512
     c.data.batch_size = 4
-    c.data.subject_weight = 1.21
+    c.subjects.weight = 1.21
     c.optim.lr = 1e-4
     c.optim.schedule = "cosine"
     c.optim.weight_decay = 1e-2

@@ -17,11 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from safe_jax import sharding as shd
 from safe_jax.data.transforms import to_unit_range
 
 
-def data_sharding(mesh: Mesh, data_axes: str | Sequence[str] = ("data",)) -> NamedSharding:
-    """Batch dimension over ``data_axes`` (one name or several, e.g. ("data", "fsdp")), the rest replicated."""
+def data_sharding(mesh: Mesh, data_axes: str | Sequence[str] | None = None) -> NamedSharding:
+    """The batch dimension over the mesh's data axes, the rest replicated. By default the axes the
+    logical rules give the batch (``sharding.batch_sharding``: data × fsdp on the training mesh);
+    ``data_axes`` names them for other meshes (one name or several)."""
+    if data_axes is None:
+        return shd.batch_sharding(mesh)
     axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     missing = [a for a in axes if a not in mesh.axis_names]
     if missing:
@@ -31,12 +36,9 @@ def data_sharding(mesh: Mesh, data_axes: str | Sequence[str] = ("data",)) -> Nam
 
 def global_batch(batch: dict[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:
     """The numeric arrays of a host batch as global arrays (leading dim × number of processes)."""
-    out = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        if value.dtype.kind in "biuf" or value.dtype.name == "bfloat16":
-            out[key] = jax.make_array_from_process_local_data(sharding, value)
-    return out
+    numeric = {key: np.asarray(value) for key, value in batch.items()}
+    numeric = {k: v for k, v in numeric.items() if v.dtype.kind in "biuf" or v.dtype.name == "bfloat16"}
+    return shd.shard_batch(numeric, sharding.mesh, sharding)
 
 
 class GlobalBatches:
@@ -45,11 +47,12 @@ class GlobalBatches:
     uint8 images (the pipeline's default: 4× less to move between processes and to the device) are
     scaled to float32 [-1, 1] on the devices, where it costs nothing that matters.
     It keeps no batch of its own in flight, so its state is exactly the host iterator's, and it can
-    go straight into orbax with ``grain.checkpoint.CheckpointSave(it)`` (see ``checkpoint.py``).
+    go straight into orbax with ``grain.checkpoint.CheckpointSave(it)`` (``safe_jax.checkpointing``
+    saves it so, beside the train state).
     Use it as a context manager (or call ``close``) so that worker processes stop cleanly.
     """
 
-    def __init__(self, host_iterator: Any, mesh: Mesh, data_axes: str | Sequence[str] = ("data",),
+    def __init__(self, host_iterator: Any, mesh: Mesh, data_axes: str | Sequence[str] | None = None,
                  scale_images: bool = True):
         self.host = host_iterator
         self.sharding = data_sharding(mesh, data_axes)
@@ -61,8 +64,8 @@ class GlobalBatches:
 
     def __next__(self) -> dict[str, jax.Array]:
         batch = global_batch(next(self.host), self.sharding)
-        if self.scale_images and "image" in batch and batch["image"].dtype == jnp.uint8:
-            batch["image"] = self._scale(batch["image"])
+        if self.scale_images and "images" in batch and batch["images"].dtype == jnp.uint8:
+            batch["images"] = self._scale(batch["images"])
         return batch
 
     # The grain CheckpointHandler protocol for non-DatasetIterator items: bytes in, bytes out.

@@ -101,7 +101,9 @@ class DecodeImage(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class TokenizeWithSubjects(grain.transforms.Map):
-    """caption + subjects → ``ids`` [77] int32 and ``weights`` [77] float32 (SAFE part 1).
+    """caption + subjects → ``input_ids`` [77] int32 and ``token_weights`` [77] float32 (SAFE part 1),
+    the names the training step reads (the batch's vocabulary from here on: ``images``,
+    ``input_ids``, ``token_weights``, ``image_id``).
 
     Captions and subject lists leave the record here: what follows is fixed-shape arrays only.
     """
@@ -117,9 +119,9 @@ class TokenizeWithSubjects(grain.transforms.Map):
         tw = subject_token_weights(self.tokenizer, [features["caption"]], [features["subjects"]],
                                    self.subject_weight, self.subject_format, self.max_length)
         return {
-            "image": features["image"],
-            "ids": tw.ids[0],
-            "weights": tw.weights[0],
+            "images": features["image"],
+            "input_ids": tw.ids[0],
+            "token_weights": tw.weights[0],
             "image_id": np.bytes_(features["image_id"].encode("utf-8")),
         }
 

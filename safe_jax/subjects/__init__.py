@@ -5,10 +5,10 @@ from safe_jax.subjects.cache import default_cache_path
 from safe_jax.subjects.extractor import (
     BACKENDS, DEFAULT_MODEL, Extraction, Record, SubjectExtractor, SubjectResult, extract, resolve_backend,
 )
+from safe_jax.subjects.extraction_report import Report
+from safe_jax.subjects.llm_prompt import PROMPT_VERSION
 from safe_jax.subjects.offline import offline_subjects
 from safe_jax.subjects.online import ServiceError
-from safe_jax.subjects.prompt import PROMPT_VERSION
-from safe_jax.subjects.report import Report
 from safe_jax.subjects.validate import match_phrases
 
 __all__ = [

@@ -21,11 +21,11 @@ import openai
 from tqdm.auto import tqdm
 
 from safe_jax.subjects.cache import SubjectCache
+from safe_jax.subjects.extraction_report import Report
+from safe_jax.subjects.llm_prompt import MalformedAnswer, parse_answer
 from safe_jax.subjects.online import OnAnswer, OnFailure, ServiceError, describe, is_transient, where
-from safe_jax.subjects.prompt import MalformedAnswer, parse_answer
 from safe_jax.subjects.ratelimit import Backoff, parse_retry_after
 from safe_jax.subjects.redact import Redactor
-from safe_jax.subjects.report import Report
 
 log = logging.getLogger("safe_jax.subjects")
 

@@ -20,14 +20,14 @@ from typing import Any, Iterable, Mapping
 from tqdm.auto import tqdm
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.subjects import prompt
+from safe_jax.subjects import llm_prompt
 from safe_jax.subjects.batch import BatchSettings, run_batches
 from safe_jax.subjects.cache import SubjectCache, answer_key, default_cache_path
+from safe_jax.subjects.extraction_report import Report
 from safe_jax.subjects.offline import HEURISTIC_VERSION, offline_subjects
 from safe_jax.subjects.online import DirectSettings, ServiceError, ask_all
 from safe_jax.subjects.ratelimit import Backoff
 from safe_jax.subjects.redact import Redactor
-from safe_jax.subjects.report import Report
 from safe_jax.subjects.validate import DEFAULT_THRESHOLD, match_phrases
 
 log = logging.getLogger("safe_jax.subjects")
@@ -123,8 +123,8 @@ class SubjectExtractor:
     def __post_init__(self) -> None:
         self._key = self.api_key or os.environ.get("OPENAI_API_KEY") or None
         self.backend = resolve_backend(self.backend, self._key)
-        if self.response_format not in prompt.RESPONSE_FORMATS:
-            raise SafeJaxError(f"response_format must be one of {', '.join(prompt.RESPONSE_FORMATS)}")
+        if self.response_format not in llm_prompt.RESPONSE_FORMATS:
+            raise SafeJaxError(f"response_format must be one of {', '.join(llm_prompt.RESPONSE_FORMATS)}")
         if self.concurrency < 1:
             raise SafeJaxError("concurrency must be at least 1")
         if self.model is None:
@@ -168,11 +168,11 @@ class SubjectExtractor:
         if not self.use_cache:
             return None
         return SubjectCache(self.cache_path or default_cache_path(), backend=self.backend, model=str(self.model),
-                            prompt_version=prompt.PROMPT_VERSION)
+                            prompt_version=llm_prompt.PROMPT_VERSION)
 
     def _body(self, caption: str) -> dict:
-        return prompt.request_body(caption, str(self.model), temperature=self.temperature,
-                                   response_format=self.response_format)
+        return llm_prompt.request_body(caption, str(self.model), temperature=self.temperature,
+                                       response_format=self.response_format)
 
     def _client_kwargs(self) -> dict:
         kw: dict[str, Any] = {"api_key": self._key or NO_KEY, "max_retries": 0, "timeout": self.timeout}
@@ -189,7 +189,7 @@ class SubjectExtractor:
                 cache.close()
 
     def _remote_with(self, cache: SubjectCache | None, captions: list[str], report: Report) -> dict[str, SubjectResult]:
-        key_of = {c: answer_key(self.backend, str(self.model), prompt.PROMPT_VERSION, c) for c in captions}
+        key_of = {c: answer_key(self.backend, str(self.model), llm_prompt.PROMPT_VERSION, c) for c in captions}
         out: dict[str, SubjectResult] = {}
 
         def accept(key: str, caption: str, phrases: list[str], cached: bool = False) -> None:
@@ -263,7 +263,7 @@ class SubjectExtractor:
         with openai.OpenAI(**self._client_kwargs()) as client:
             return run_batches(client, cache, todo, self._body, settings, report, self._redact, accept, fail,
                                progress=self.progress,
-                               metadata={"source": "safe_jax.subjects", "prompt": prompt.PROMPT_VERSION})
+                               metadata={"source": "safe_jax.subjects", "prompt": llm_prompt.PROMPT_VERSION})
 
 
 def _run_coroutine(make) -> None:

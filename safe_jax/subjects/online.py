@@ -19,10 +19,10 @@ from typing import Any, Callable
 import openai
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.subjects.prompt import MalformedAnswer, parse_answer
+from safe_jax.subjects.extraction_report import Report
+from safe_jax.subjects.llm_prompt import MalformedAnswer, parse_answer
 from safe_jax.subjects.ratelimit import Backoff, RateLimiter, parse_retry_after
 from safe_jax.subjects.redact import Redactor
-from safe_jax.subjects.report import Report
 
 log = logging.getLogger("safe_jax.subjects")
 

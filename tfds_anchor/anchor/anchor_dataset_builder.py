@@ -18,8 +18,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from tfds_anchor.anchor import images, manual, synthetic
-from tfds_anchor.anchor.report import (FAILED_REPORT_TEMPLATE, REPORT_FILENAME, BuildReport, NoRecordKept,
-                                       read_report)
+from tfds_anchor.anchor.build_report import (FAILED_REPORT_TEMPLATE, REPORT_FILENAME, BuildReport,
+                                             NoRecordKept, read_report)
 from tfds_anchor.anchor.sources import SOURCES, normalise_source
 
 log = logging.getLogger("tfds_anchor")
@@ -34,15 +34,14 @@ class AnchorConfig(tfds.core.BuilderConfig):
 
     ``max_side`` caps the longest side of stored images (768 keeps a 3:2 photo's shorter side at 512,
     SD 1.x's training size; raise it for 768² training). ``min_side`` is the smallest shorter side
-    kept. ``subjects_backend`` is safe_jax.subjects' backend for records without subjects ("auto":
-    the LLM when OPENAI_API_KEY is set, else the offline heuristics).
+    kept. Subjects are data, not computed here: a record's own ``subjects``, else its line in the
+    manual directory's ``subjects.jsonl`` (found before the build), else an empty list.
     """
 
     subset: str = "non_entity"
     max_side: int = 768
     min_side: int = 64
     jpeg_quality: int = 90
-    subjects_backend: str = "auto"
     synthetic_examples: int = 300
     synthetic_size: tuple[int, int] = (192, 128)
     synthetic_seed: int = 0
@@ -84,10 +83,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                         "split": "train"}                        # optional: train / validation / test
                      (or anchor.csv with the same columns; `subjects` as a JSON list or `;`-separated)
       images/...     the image files (any format PIL reads)
+      subjects.jsonl optional: {"id": "...", "subjects": [...]} a line, for records without
+                     `subjects`; write it before the build with
+                       safe-jax subjects --manual-dir <manual directory>
 
-    Extra fields are ignored. Records without `subjects` get them from safe_jax.subjects (an LLM
-    when OPENAI_API_KEY is set, else offline heuristics; answers are cached). Records without
-    `split` are split by a hash of their id (90/5/5). Bad records are skipped and counted in
+    Extra fields are ignored. The build computes no subjects: a record with none in either file is
+    stored with an empty list (the input pipeline can fill it). Records without `split` are split
+    by a hash of their id (90/5/5). Bad records are skipped and counted in
     build_report.json next to the built dataset; a build that keeps no record at all fails,
     naming the reasons.
     """
@@ -133,9 +135,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                             others)
             records = [r for r in records if bool(r.entity) == wanted]
             records = self._usable_images(records, root, report)
+            manual.add_subjects(records, root, report)
         if not records:
             self._fail_nothing_kept(report, root)
-        self._fill_subjects(records, report)
+        missing = sum(r.subjects is None for r in records)
+        if missing:
+            report.note(f"records without subjects, stored with an empty list (none given, and none in "
+                        f"{manual.SUBJECTS_NAME})", missing)
         by_split: dict[str, list[manual.Record]] = {}
         for r in records:
             by_split.setdefault(r.split, []).append(r)
@@ -188,17 +194,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     report.converted[mode] += 1
                 kept.append(record)
         return kept
-
-    def _fill_subjects(self, records: list[manual.Record], report: BuildReport) -> None:
-        todo = [r for r in records if r.subjects is None]
-        if not todo:
-            return
-        from safe_jax.subjects import extract  # imported here: only builds that need it pay for it
-
-        backend = self.builder_config.subjects_backend
-        for record, subjects in zip(todo, extract([r.caption for r in todo], backend=backend, progress=False)):
-            record.subjects = subjects
-        report.note(f"subjects computed with safe_jax.subjects (backend {backend!r})", len(todo))
 
     def _generate_examples(self, records: list[manual.Record], root: epath.Path | None):
         config: AnchorConfig = self.builder_config

@@ -5,40 +5,29 @@ classes through tests/test_tfds_anchor_tf.py). dummy_data/ is a manual directory
 records (9 non-entity, 4 entity) and 2 bad ones (a missing image, an empty caption).
 """
 
-import os
-from unittest import mock
-
 import tensorflow_datasets as tfds
 
 from tfds_anchor.anchor import anchor_dataset_builder
 
-# No LLM calls from tests: records without subjects get the offline heuristics.
-_OFFLINE = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
 
-
-class _Offline:
-    """A mixin, not a TestCase (so it is not collected itself)."""
+class _Anchor:
+    """A mixin, not a TestCase (so it is not collected itself). The builder makes no network call:
+    records without subjects are stored with an empty list."""
 
     DATASET_CLASS = anchor_dataset_builder.Builder
 
-    def setUp(self):
-        patcher = mock.patch.dict(os.environ, _OFFLINE)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        super().setUp()
 
-
-class AnchorDefaultTest(_Offline, tfds.testing.DatasetBuilderTestCase):
+class AnchorDefaultTest(_Anchor, tfds.testing.DatasetBuilderTestCase):
     BUILDER_CONFIG_NAMES_TO_TEST = ["default"]
     SPLITS = {"train": 5, "validation": 2, "test": 2}
 
 
-class AnchorEntityTest(_Offline, tfds.testing.DatasetBuilderTestCase):
+class AnchorEntityTest(_Anchor, tfds.testing.DatasetBuilderTestCase):
     BUILDER_CONFIG_NAMES_TO_TEST = ["entity"]
     SPLITS = {"train": 2, "validation": 1, "test": 1}
 
 
-class AnchorSampleTest(_Offline, tfds.testing.DatasetBuilderTestCase):
+class AnchorSampleTest(_Anchor, tfds.testing.DatasetBuilderTestCase):
     BUILDER_CONFIG_NAMES_TO_TEST = ["sample"]
     SPLITS = {"train": 276, "validation": 10, "test": 14}
 

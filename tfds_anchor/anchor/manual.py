@@ -1,4 +1,5 @@
-"""Reading the manual directory: ``anchor.jsonl`` (or ``anchor.csv``) plus the image files.
+"""Reading the manual directory: ``anchor.jsonl`` (or ``anchor.csv``) plus the image files, and the
+optional ``subjects.jsonl`` of subjects found before the build.
 
 The layout is ours (the ANCHOR release's own file layout is not known here); see README.md.
 Reading is tolerant: unknown fields are ignored, ids may be numbers, ``subjects`` may be a list or
@@ -17,10 +18,13 @@ from typing import Any, Iterator
 
 from etils import epath
 
-from tfds_anchor.anchor.report import BuildReport
+from tfds_anchor.anchor.build_report import BuildReport
 
 JSONL_NAME = "anchor.jsonl"
 CSV_NAME = "anchor.csv"
+# Subjects found before the build for records that carry none: one {"id", "subjects"} a line (what
+# `safe-jax subjects --manual-dir DIR` writes). The builder itself never computes subjects.
+SUBJECTS_NAME = "subjects.jsonl"
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                   "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
@@ -34,7 +38,7 @@ class Record:
     caption: str
     source: Any
     image: str | None              # relative to the manual directory (None for in-memory images)
-    subjects: list[str] | None     # None: not given, computed at build time
+    subjects: list[str] | None     # None: not given (stored as an empty list)
     entity: str
     split: str
     image_bytes: bytes | None = None  # synthetic records carry their image
@@ -73,6 +77,34 @@ def read_records(manual_dir: epath.PathLike, report: BuildReport) -> list[Record
         seen.add(record.id)
         records.append(record)
     return records
+
+
+def add_subjects(records: list[Record], manual_dir: epath.PathLike, report: BuildReport) -> None:
+    """Subjects from the manual directory's ``subjects.jsonl`` (if any) for records that carry none.
+
+    A record's own ``subjects`` win. Lines that are not a JSON object with an id and a list of
+    subjects, and lines with an ``error`` (no answer for that caption), are counted and ignored.
+    """
+    path = epath.Path(manual_dir) / SUBJECTS_NAME
+    if not path.exists():
+        return
+    found: dict[str, list[str]] = {}
+    for row in _jsonl_rows(path.read_bytes()):
+        record_id = _text(row.get("id")) if row is not None else None
+        if not record_id or not record_id.strip() or not isinstance(row.get("subjects"), list):
+            report.note(f"malformed lines in {SUBJECTS_NAME} (ignored)")
+            continue
+        if row.get("error") is not None:
+            report.note(f"lines of {SUBJECTS_NAME} with an error (their records get no subjects from it)")
+            continue
+        found[record_id.strip()] = [" ".join(s.split()) for s in _subjects(row["subjects"])]
+    used = 0
+    for record in records:
+        if record.subjects is None and record.id in found:
+            record.subjects = found[record.id]
+            used += 1
+    if used:
+        report.note(f"records with subjects from {SUBJECTS_NAME}", used)
 
 
 def _jsonl_rows(raw: bytes) -> Iterator[dict[str, Any] | None]:

@@ -129,8 +129,9 @@ def write_manual_dir(path: epath.PathLike, n: int, *, seed: int = 0, size: tuple
                      quality: int = 90, subjects: bool = False, entities: bool = True) -> list[dict]:
     """A manual directory (``anchor.jsonl`` + ``images/``) of synthetic records, for tests and benchmarks.
 
-    ``subjects=False`` leaves subjects out so that the build computes them; ``entities=False``
-    leaves out ``entity`` so that every record belongs to the default (non-entity) config.
+    ``subjects=False`` leaves subjects out (as in a directory ``safe-jax subjects`` has not yet run
+    over); ``entities=False`` leaves out ``entity`` so that every record belongs to the default
+    (non-entity) config.
     Returns the rows written.
     """
     root = epath.Path(path)

@@ -40,7 +40,7 @@ def stages(data_dir: str, tokenizer, resolution: int, n: int = 200) -> None:
     """One core, one record at a time: where the time goes."""
     import numpy as np
 
-    from safe_jax.conditioning import subject_token_weights
+    from safe_jax.text.conditioning import subject_token_weights
     from safe_jax.data import data_source, load_image
 
     source = data_source("anchor/default", "train", data_dir)
@@ -131,7 +131,7 @@ def main() -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)
-    from safe_jax.tokenizer import tiny_tokenizer
+    from safe_jax.text.tokenizer import tiny_tokenizer
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="anchor-bench-"))
     data_dir = build(root, args.images)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from loopback_openai import LoopbackOpenAI  # noqa: E402
 
-from safe_jax.subjects import SubjectExtractor  # noqa: E402
+from safe_jax.text.subjects import SubjectExtractor  # noqa: E402
 
 
 def main() -> int:

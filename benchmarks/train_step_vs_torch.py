@@ -114,12 +114,14 @@ def build_ours(name: str, seed: int):
     """(pipe, params) of a config, random weights."""
     import jax.numpy as jnp
 
-    from safe_jax import schedulers, tokenizer as tok
+    from safe_jax.sampling import schedulers
+
+    from safe_jax.text import tokenizer as tok
     from safe_jax.models import clip_text
     from safe_jax.models.unet import UNet2DConditionModel, UNetConfig
     from safe_jax.models.vae import AutoencoderKL, VAEConfig
-    from safe_jax.pipeline import StableDiffusion
-    from safe_jax.presets import PRESETS
+    from safe_jax.sampling.stable_diffusion import StableDiffusion
+    from safe_jax.io.presets import PRESETS
 
     cfg = CONFIGS[name]
     if "preset" in cfg:
@@ -148,7 +150,7 @@ def make_batch(pipe, batch_size: int, seed: int):
 
 
 def step_config(args, loss: str, j: int):
-    from safe_jax import train_step as ts
+    from safe_jax.train import step as ts
 
     return ts.StepConfig(mode="full", loss=loss, cond_dropout=args.cond_dropout, refl_steps=args.refl_steps,
                          refl_step_range=(j, j), ema_decay=0.999 if args.ema else None)
@@ -159,7 +161,9 @@ def compile_ours(pipe, params, cfg, batch_np, args):
     import jax
     import jax.numpy as jnp
 
-    from safe_jax import rewards, sharding, train_step as ts
+    from safe_jax.train import rewards, step as ts
+
+    from safe_jax import sharding
 
     tx = ts.make_optimizer(args.lr, total_steps=1000, schedule="constant", weight_decay=args.weight_decay, clip_norm=1.0)
     reward = rewards.make_reward("brightness") if cfg.loss != "denoising" else None
@@ -293,7 +297,7 @@ def mem_child(args) -> int:
     """In a fresh process: compile our ReFL step (remat or not), report memory_analysis and peak RSS."""
     import jax
 
-    from safe_jax.pipeline import StableDiffusion
+    from safe_jax.sampling.stable_diffusion import StableDiffusion
 
     folder, remat, b, refl_steps, j = args.mem_child.split("|")
     args.refl_steps = int(refl_steps)
@@ -400,7 +404,7 @@ def main(argv=None) -> int:
             j = min(j, args.refl_steps // 2)
         if not 0 <= j < args.refl_steps:
             raise SystemExit(f"--refl-step {j} must be in [0, {args.refl_steps})")
-        from safe_jax.pipeline import StableDiffusion
+        from safe_jax.sampling.stable_diffusion import StableDiffusion
 
         pipe0, params0 = build_ours(name, args.seed)
         folder = Path(tmp.name) / name

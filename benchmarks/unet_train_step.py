@@ -145,7 +145,7 @@ def main(argv=None) -> int:
 
     import importlib
 
-    from safe_jax.convert import torch_to_flax
+    from safe_jax.io.convert import torch_to_flax
 
     unet_module = importlib.import_module(args.unet_module)
     UNet2DConditionModel, UNetConfig = unet_module.UNet2DConditionModel, unet_module.UNetConfig

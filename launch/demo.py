@@ -36,9 +36,9 @@ def run(out: Path, steps: int | None, num_prompts: int) -> int:
     from launch.configs import tiny_safe
     from launch import report
     from safe_jax.data import data_source
-    from safe_jax.metrics import finite_means
+    from safe_jax.train.metrics import finite_means
     from safe_jax.data.source import as_text, as_texts
-    from safe_jax.train import train
+    from safe_jax.train.loop import train
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def run(out: Path, steps: int | None, num_prompts: int) -> int:
     stored = [as_texts(r["subjects"]) for r in records]
 
     say("2/5 subjects of the validation captions (offline backend: no API key needed)")
-    from safe_jax.subjects import extract
+    from safe_jax.text.subjects import extract
 
     found = extract(captions, backend="offline", progress=False)
 
@@ -120,8 +120,8 @@ def _before_after(out: Path, config, export_dir: Path, captions, subjects, recor
 
     from launch import report
     from safe_jax.data.transforms import load_image
-    from safe_jax.pipeline import StableDiffusion
-    from safe_jax.train import load_reward
+    from safe_jax.sampling.stable_diffusion import StableDiffusion
+    from safe_jax.train.loop import load_reward
 
     reward, reward_params = load_reward(config)
     size = config.data.resolution

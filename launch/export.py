@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax export") -> int:
     def run() -> int:
         import jax.numpy as jnp
 
-        from safe_jax.pipeline import StableDiffusion
+        from safe_jax.sampling.stable_diffusion import StableDiffusion
 
         pipe, params = StableDiffusion.from_pretrained(args.model, dtype=jnp.float32, seed=args.seed)
         out = pipe.save_pretrained(params, args.out, dtype=args.dtype)

@@ -33,7 +33,7 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     p.add_argument("--out", type=output_dir, default="out/generate", help="a directory (created if needed)")
     s = p.add_argument_group("subject conditioning (SAFE)")
     s.add_argument("--subjects", action="append", default=None,
-                   help="'auto' (an LLM or offline extractor, safe_jax.subjects), 'none', or phrases separated by "
+                   help="'auto' (an LLM or offline extractor, safe_jax.text.subjects), 'none', or phrases separated by "
                         "';'; give once for all prompts or once per prompt")
     s.add_argument("--subject-weight", type=float_in(0.0, low_open=True), default=1.21,
                    help="weight of the subject tokens (1.1² = Compel's ++)")
@@ -81,11 +81,11 @@ def _extract(captions: list[str]) -> list[list[str]]:
     from safe_jax.errors import SafeJaxError
 
     try:
-        from safe_jax.subjects import extract  # imported here: it is only needed for --subjects auto
+        from safe_jax.text.subjects import extract  # imported here: it is only needed for --subjects auto
     except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("safe_jax.subjects"):
+        if not (e.name or "").startswith("safe_jax.text.subjects"):
             raise
-        raise SafeJaxError("--subjects auto needs the safe_jax.subjects package, which is not installed") from None
+        raise SafeJaxError("--subjects auto needs the safe_jax.text.subjects package, which is not installed") from None
     return extract(captions)
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax generate") -> int:
         from PIL import Image, PngImagePlugin
         from tqdm import tqdm
 
-        from safe_jax.pipeline import StableDiffusion
+        from safe_jax.sampling.stable_diffusion import StableDiffusion
 
         t0 = time.perf_counter()
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]

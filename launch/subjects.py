@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax subjects") -> int:
 
     @one_line_errors(prog)
     def run() -> int:
-        from safe_jax.subjects import SubjectExtractor
-        from safe_jax.subjects.jsonl import read_records, write_results
+        from safe_jax.text.subjects import SubjectExtractor
+        from safe_jax.text.subjects.jsonl import read_records, write_results
 
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format=f"{prog}: %(levelname)s: %(message)s")
@@ -100,7 +100,7 @@ def _manual_dir_records(manual_dir: str, out: str | None) -> tuple[list, str]:
     unless ``out``). Read as the build reads them: same tolerance of bad lines, same
     whitespace-normalised captions, so every subject is a span of the caption the dataset stores."""
     from safe_jax.errors import SafeJaxError
-    from safe_jax.subjects import Record
+    from safe_jax.text.subjects import Record
     from tfds_anchor.anchor import manual
     from tfds_anchor.anchor.build_report import BuildReport
 

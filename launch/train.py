@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax train") -> int:
     @one_line_errors(prog)
     def run() -> int:
         init_distributed()
-        from safe_jax.train import train
+        from safe_jax.train.loop import train
 
         result = train(_CONFIG.value)
         status = "already finished" if result.already_finished else result.status
@@ -175,7 +175,7 @@ def _check_config() -> str | None:
     """The launch flags and every config field, checked before JAX starts (the mesh against the
     devices is checked again once they are known, at the top of ``train``)."""
     from safe_jax.errors import SafeJaxError
-    from safe_jax.train_config import validate_config
+    from safe_jax.train.config_check import validate_config
 
     n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
     if n is not None and n < 1:

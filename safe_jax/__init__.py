@@ -6,8 +6,8 @@ __all__ = ["SafeJaxError", "StableDiffusion"]
 
 
 def __getattr__(name: str):
-    # Lazy, so that `safe_jax.subjects` and the CLI start without importing JAX.
+    # Lazy, so that `safe_jax.text.subjects` and the CLI start without importing JAX.
     if name == "StableDiffusion":
-        from safe_jax.pipeline import StableDiffusion
+        from safe_jax.sampling.stable_diffusion import StableDiffusion
         return StableDiffusion
     raise AttributeError(f"module 'safe_jax' has no attribute {name!r}")

@@ -58,7 +58,9 @@ def torch_pipeline(preset: str = "tiny", prediction_type: str = "epsilon", seed:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from safe_jax import presets, tokenizer
+    from safe_jax.io import presets
+
+    from safe_jax.text import tokenizer
     from safe_jax.models import clip_text
     from safe_jax.models.unet import UNetConfig
     from safe_jax.models.vae import VAEConfig

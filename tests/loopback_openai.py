@@ -1,6 +1,6 @@
 """A loopback OpenAI-compatible HTTP server for tests and benchmarks (stdlib only, 127.0.0.1, port 0).
 
-Serves what safe_jax.subjects uses: chat completions, file upload (multipart) and download, batch
+Serves what safe_jax.text.subjects uses: chat completions, file upload (multipart) and download, batch
 create and retrieve. It counts every request, records what it was sent, tracks how many requests
 were in flight at once, and can be scripted per request (``plan``) to answer 429, 500, slowly, or
 with a malformed body.

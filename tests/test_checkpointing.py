@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safe_jax.checkpointing import Checkpointer
+from safe_jax.train.checkpoints import Checkpointer
 from safe_jax.errors import SafeJaxError
 
 
@@ -47,7 +47,7 @@ def test_unreadable_latest_falls_back_with_a_warning(tmp_path, caplog):
     assert damaged
     for f in damaged:
         f.write_bytes(b"\x00garbage")
-    with caplog.at_level(logging.WARNING, logger="safe_jax.checkpointing"), Checkpointer(tmp_path) as ckpt:
+    with caplog.at_level(logging.WARNING, logger="safe_jax.train.checkpoints"), Checkpointer(tmp_path) as ckpt:
         it = _iterator()
         state, config, step = ckpt.restore_latest(_state(0), it)
         assert step == 1 and ckpt.steps == [1]

@@ -11,24 +11,26 @@ import sys
 import pytest
 
 GENERATE = ["-m", "launch.generate", "--prompt", "a flood in Leeds"]
-CASES = [
+GENERATE_VALUES = [  # (flag, value, what the line says after "argument FLAG: ")
+    ("--batch-size", "0", "must be ≥ 1, got 0"),
+    ("--batch-size", "two", "expected an integer, got 'two'"),
+    ("--height", "-64", "must be a positive multiple of 8, got -64"),
+    ("--height", "0", "must be a positive multiple of 8, got 0"),
+    ("--width", "100", "must be a positive multiple of 8, got 100"),
+    ("--guidance", "nan", "must be a finite number, got nan"),
+    ("--guidance", "-1", "must lie in [0, inf], got -1"),
+    ("--steps", "0", "must be ≥ 1, got 0"),
+    ("--seed", "-3", "must be ≥ 0, got -3"),
+    ("--subject-weight", "0", "must lie in (0, inf], got 0"),
+    ("--subject-weight", "inf", "must be a finite number"),
+    ("--scheduler", "pndm", "invalid choice: 'pndm'"),
+    ("--out", "{file}", "{file} exists and is not a directory"),
+    ("--out", "{file}/sub", "cannot create {file}/sub: {file} is not a directory"),
+    ("--out", "/proc/safe-jax-out", "cannot write to /proc/safe-jax-out"),
+]
+CASES = [(GENERATE + [flag, value], f"argument {flag}: {says}") for flag, value, says in GENERATE_VALUES] + [
     # (arguments, what the one line must name)
-    (GENERATE + ["--batch-size", "0"], "argument --batch-size: must be ≥ 1, got 0"),
-    (GENERATE + ["--batch-size", "two"], "argument --batch-size: expected an integer, got 'two'"),
-    (GENERATE + ["--height", "-64"], "argument --height: must be a positive multiple of 8, got -64"),
-    (GENERATE + ["--height", "0"], "argument --height: must be a positive multiple of 8, got 0"),
-    (GENERATE + ["--width", "100"], "argument --width: must be a positive multiple of 8, got 100"),
-    (GENERATE + ["--guidance", "nan"], "argument --guidance: must be a finite number, got nan"),
-    (GENERATE + ["--guidance", "-1"], "argument --guidance: must lie in [0, inf], got -1"),
-    (GENERATE + ["--steps", "0"], "argument --steps: must be ≥ 1, got 0"),
-    (GENERATE + ["--seed", "-3"], "argument --seed: must be ≥ 0, got -3"),
     (GENERATE + ["--seed", str(2 ** 32 - 1), "--prompt", "b"], "argument --seed: seed + number of prompts - 1"),
-    (GENERATE + ["--subject-weight", "0"], "argument --subject-weight: must lie in (0, inf], got 0"),
-    (GENERATE + ["--subject-weight", "inf"], "argument --subject-weight: must be a finite number"),
-    (GENERATE + ["--scheduler", "pndm"], "argument --scheduler: invalid choice: 'pndm'"),
-    (GENERATE + ["--out", "{file}"], "argument --out: {file} exists and is not a directory"),
-    (GENERATE + ["--out", "{file}/sub"], "argument --out: cannot create {file}/sub: {file} is not a directory"),
-    (GENERATE + ["--out", "/proc/safe-jax-out"], "argument --out: cannot write to /proc/safe-jax-out"),
     (["-m", "launch.generate"], "the following arguments are required: --prompt"),
     (["-m", "launch.subjects", "--in", "x.jsonl"], "--in and --out are required"),
     (["-m", "launch.subjects", "--in", "x.jsonl", "--out", "{file}/y.jsonl"], "argument --out: {file} exists and is not a directory"),

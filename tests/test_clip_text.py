@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from safe_jax.convert import flax_to_torch, torch_to_flax
+from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
 from safe_jax.models.clip_text import (
     PRESETS,
@@ -24,7 +24,7 @@ from safe_jax.models.clip_text import (
     from_hf_state_dict,
     to_hf_state_dict,
 )
-from safe_jax.tokenizer import (
+from safe_jax.text.tokenizer import (
     bundled_clip_vocab_dir,
     load_tokenizer,
     save_tokenizer,

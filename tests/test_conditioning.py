@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import rel_l2
 
-from safe_jax import conditioning as cond
-from safe_jax import tokenizer as tok
+from safe_jax.text import conditioning as cond
+from safe_jax.text import tokenizer as tok
 from safe_jax.errors import SafeJaxError
-from safe_jax.pipeline import StableDiffusion
+from safe_jax.sampling.stable_diffusion import StableDiffusion
 
 CAPTION = "London's mayor Boris Johnson gives a big thumbs up to photographers on Tower Bridge."
 
@@ -230,9 +230,9 @@ def test_cli_subjects(tmp_path, monkeypatch):
     with pytest.raises(SafeJaxError, match="once per prompt"):
         generate.resolve_subjects(["x", "y"], ["a", "b", "c"])
     calls = []
-    fake = types.ModuleType("safe_jax.subjects")
+    fake = types.ModuleType("safe_jax.text.subjects")
     fake.extract = lambda captions: calls.append(list(captions)) or [["Boris Johnson"] for _ in captions]
-    monkeypatch.setitem(sys.modules, "safe_jax.subjects", fake)
+    monkeypatch.setitem(sys.modules, "safe_jax.text.subjects", fake)
     assert generate.resolve_subjects(["auto", "none"], ["Boris Johnson waves", "b"]) == [["Boris Johnson"], []]
     assert calls == [["Boris Johnson waves"]]
 

@@ -27,7 +27,7 @@ WORKER = textwrap.dedent("""
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
                                initialization_timeout=120)
     from safe_jax.data import GlobalBatches, InputConfig, make_iterator
-    from safe_jax.tokenizer import tiny_tokenizer
+    from safe_jax.text.tokenizer import tiny_tokenizer
 
     tok = tiny_tokenizer()
     cfg = InputConfig(data_dir=data_dir, resolution=8, batch_size=6, num_epochs=1, worker_count=0,

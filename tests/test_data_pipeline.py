@@ -13,11 +13,11 @@ from PIL import Image
 pytest.importorskip("grain")
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from safe_jax.conditioning import DEFAULT_WEIGHT, subject_token_weights  # noqa: E402
+from safe_jax.text.conditioning import DEFAULT_WEIGHT, subject_token_weights  # noqa: E402
 from safe_jax.data import (  # noqa: E402
     GlobalBatches, InputConfig, data_source, global_batch, data_sharding, load_image, make_iterator,
 )
-from safe_jax.tokenizer import tiny_tokenizer  # noqa: E402
+from safe_jax.text.tokenizer import tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_resume_through_orbax_with_worker_processes(data_dir, tokenizer, tmp_pat
     bit for bit."""
     import orbax.checkpoint as ocp
 
-    from safe_jax.checkpointing import Checkpointer
+    from safe_jax.train.checkpoints import Checkpointer
 
     cfg = config(data_dir, batch_size=2, worker_count=2, read_threads=1, resolution=24)
     mesh = jax.make_mesh((1,), ("data",))

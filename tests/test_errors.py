@@ -15,7 +15,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.pipeline import StableDiffusion
+from safe_jax.sampling.stable_diffusion import StableDiffusion
 
 
 @pytest.fixture

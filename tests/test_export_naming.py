@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from safe_jax.errors import SafeJaxError
 from safe_jax.models import clip_text
-from safe_jax.pipeline import StableDiffusion
+from safe_jax.sampling.stable_diffusion import StableDiffusion
 
 PREFIX = "text_model."
 

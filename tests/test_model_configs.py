@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from safe_jax import presets
+from safe_jax.io import presets
 from safe_jax.errors import SafeJaxError
 from safe_jax.models import clip_text, clip_vision
 from safe_jax.models.unet import UNetConfig
 from safe_jax.models.vae import VAEConfig
-from safe_jax.pipeline import StableDiffusion
+from safe_jax.sampling.stable_diffusion import StableDiffusion
 
 TINY = presets.preset("tiny")
 # Valid tiny configs as diffusers / transformers write them (every key present).

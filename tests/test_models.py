@@ -11,8 +11,8 @@ from diffusers import AutoencoderKL as TorchVAE
 from diffusers import UNet2DConditionModel as TorchUNet
 
 from conftest import rel_l2
-from safe_jax import presets
-from safe_jax.convert import flax_to_torch, torch_to_flax
+from safe_jax.io import presets
+from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.models.unet import UNet2DConditionModel, UNetConfig
 from safe_jax.models.vae import AutoencoderKL, VAEConfig
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from safe_jax.pipeline import StableDiffusion
+from safe_jax.sampling.stable_diffusion import StableDiffusion
 
 PROMPTS = ["London's mayor Boris Johnson gives a big thumbs up on Tower Bridge.", "a photo of a cat"]
 
@@ -125,7 +125,7 @@ def test_generate_shards_the_batch_over_devices(tiny_torch_folder, tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         import numpy as np, jax
-        from safe_jax.pipeline import StableDiffusion
+        from safe_jax.sampling.stable_diffusion import StableDiffusion
         pipe, params = StableDiffusion.from_pretrained({str(folder)!r})
         images = pipe.generate(params, ["a", "b c", "d"], num_steps=3, seed=7)
         np.save(sys.argv[1], images)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from safe_jax import conditioning as cond
-from safe_jax import tokenizer as tok
+from safe_jax.text import conditioning as cond
+from safe_jax.text import tokenizer as tok
 from safe_jax.errors import SafeJaxError
-from safe_jax.prompt_syntax import parse, parse_a1111, parse_compel
+from safe_jax.text.prompt_syntax import parse, parse_a1111, parse_compel
 
 COMPEL_PROMPTS = [
     "(Boris Johnson)++ on Tower Bridge",

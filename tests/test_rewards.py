@@ -16,10 +16,11 @@ import torch.nn.functional as F
 import transformers
 from PIL import Image
 
-from safe_jax.convert import flax_to_torch, torch_to_flax
+from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
+from safe_jax.io import clip_folder
 from safe_jax.models import clip_vision as cv
-from safe_jax.rewards import (
+from safe_jax.train.rewards import (
     CLIP_MEAN,
     CLIP_STD,
     available_rewards,
@@ -29,7 +30,7 @@ from safe_jax.rewards import (
     preprocess,
     resize_bicubic,
 )
-from safe_jax.tokenizer import tokenize
+from safe_jax.text.tokenizer import tokenize
 
 from conftest import rel_l2
 
@@ -144,7 +145,7 @@ def test_load_and_save_folders(tmp_path, tiny_pair, ids):
     saved = tmp_path / "hf"
     pt.save_pretrained(saved)
     assert (saved / "model.safetensors").is_file()
-    model, params = cv.load_clip(saved)
+    model, params = clip_folder.load_clip(saved)
     assert model.config == TINY
     logits = clip_forward(model, params, pixels, ids)[0]["logits_per_image"]  # compiled once for both tests
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
@@ -154,11 +155,11 @@ def test_load_and_save_folders(tmp_path, tiny_pair, ids):
     as_bin.mkdir()
     (as_bin / "config.json").write_bytes((saved / "config.json").read_bytes())
     torch.save(pt.state_dict(), as_bin / "pytorch_model.bin")
-    _, bin_params = cv.load_clip(as_bin)
+    _, bin_params = clip_folder.load_clip(as_bin)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, bin_params, params))
 
     # Our export loads in transformers with nothing missing and gives the same scores.
-    ours = cv.save_clip(model, params, tmp_path / "ours")
+    ours = clip_folder.save_clip(model, params, tmp_path / "ours")
     back, info = transformers.CLIPModel.from_pretrained(str(ours), attn_implementation="eager",
                                                         output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -167,30 +168,30 @@ def test_load_and_save_folders(tmp_path, tiny_pair, ids):
     np.testing.assert_array_equal(again.numpy(), expected)
 
     with pytest.raises(SafeJaxError, match="does not exist"):
-        cv.load_clip(tmp_path / "nowhere")
+        clip_folder.load_clip(tmp_path / "nowhere")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_bytes((saved / "config.json").read_bytes())
     (corrupt / "model.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(SafeJaxError, match="corrupt safetensors"):
-        cv.load_clip(corrupt)
+        clip_folder.load_clip(corrupt)
     (corrupt / "model.safetensors").unlink()
     with pytest.raises(SafeJaxError, match="no weights"):
-        cv.load_clip(corrupt)
+        clip_folder.load_clip(corrupt)
     (corrupt / "config.json").write_text("{not json")
     with pytest.raises(SafeJaxError, match="invalid JSON"):
-        cv.load_clip(corrupt)
+        clip_folder.load_clip(corrupt)
     (corrupt / "config.json").unlink()
     with pytest.raises(SafeJaxError, match="missing file"):
-        cv.load_clip(corrupt)
+        clip_folder.load_clip(corrupt)
     (corrupt / "config.json").write_text('{"model_type": "clip_text_model", "hidden_size": 32}')
     with pytest.raises(SafeJaxError, match="not a CLIPModel"):
-        cv.load_clip(corrupt)
+        clip_folder.load_clip(corrupt)
     wrong = dataclasses.replace(TINY, projection_dim=8)  # the weights are for 16
     (corrupt / "config.json").write_text(json.dumps(wrong.to_hf()))
     (corrupt / "model.safetensors").write_bytes((saved / "model.safetensors").read_bytes())
     with pytest.raises(SafeJaxError, match="projection.weight' has shape .16, 32. in the checkpoint but the config needs .8, 32."):
-        cv.load_clip(corrupt)
+        clip_folder.load_clip(corrupt)
 
 
 def test_config_from_hf():

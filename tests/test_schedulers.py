@@ -1,4 +1,4 @@
-"""Parity of safe_jax.schedulers with the diffusers PyTorch schedulers.
+"""Parity of safe_jax.sampling.schedulers with the diffusers PyTorch schedulers.
 
 Every expected value comes from a live diffusers object built from the same config; the
 JAX side runs the way the pipeline runs it (jit + lax.fori_loop over a traced step index).
@@ -26,7 +26,7 @@ from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_mo
 from diffusers.training_utils import compute_snr  # noqa: E402
 
 from conftest import assert_close_f32  # noqa: E402
-from safe_jax import schedulers as S  # noqa: E402
+from safe_jax.sampling import schedulers as S
 from safe_jax.errors import SafeJaxError  # noqa: E402
 
 SHAPE = (2, 4, 8, 8)
@@ -363,8 +363,8 @@ def test_make_sampler_rejects_bad_arguments():
 def test_clip_sample_in_a_scheduler_config_is_reported(caplog):
     import logging
 
-    from safe_jax.schedulers import ScheduleConfig
+    from safe_jax.sampling.schedulers import ScheduleConfig
 
-    with caplog.at_level(logging.WARNING, logger="safe_jax.schedulers"):
+    with caplog.at_level(logging.WARNING, logger="safe_jax.sampling.schedulers"):
         ScheduleConfig.from_diffusers({"_class_name": "DDIMScheduler", "clip_sample": True, "beta_schedule": "scaled_linear"})
     assert any("clip_sample=true is ignored" in r.getMessage() for r in caplog.records)

@@ -19,8 +19,9 @@ SCRIPT = textwrap.dedent(r'''
     import json, math
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from safe_jax import SafeJaxError, lora, sharding as shd
-    from safe_jax.pipeline import StableDiffusion
+    from safe_jax import SafeJaxError, sharding as shd
+    from safe_jax.train import lora
+    from safe_jax.sampling.stable_diffusion import StableDiffusion
 
     out = {"devices": jax.device_count()}
     mesh = shd.make_mesh(data=2, fsdp=4)

@@ -8,10 +8,10 @@ import time
 import pytest
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.subjects import default_cache_path, extract, match_phrases, offline_subjects, resolve_backend
-from safe_jax.subjects.llm_prompt import SCHEMA, MalformedAnswer, parse_answer, request_body
-from safe_jax.subjects.ratelimit import Backoff, parse_retry_after
-from safe_jax.subjects.redact import Redactor
+from safe_jax.text.subjects import default_cache_path, extract, match_phrases, offline_subjects, resolve_backend
+from safe_jax.text.subjects.llm_prompt import SCHEMA, MalformedAnswer, parse_answer, request_body
+from safe_jax.text.subjects.ratelimit import Backoff, parse_retry_after
+from safe_jax.text.subjects.redact import Redactor
 
 BORIS = ("London's mayor Boris Johnson gives a big thumbs up to photographers during the unveiling of the "
          "2012 Olympic rings on Tower Bridge.")

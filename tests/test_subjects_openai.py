@@ -11,10 +11,10 @@ import pytest
 from loopback_openai import LoopbackOpenAI, Reply
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.subjects import SubjectExtractor, batch as batch_mod
-from safe_jax.subjects.cache import SubjectCache
-from safe_jax.subjects.llm_prompt import PROMPT_VERSION
-from safe_jax.subjects.ratelimit import Backoff
+from safe_jax.text.subjects import SubjectExtractor, batch as batch_mod
+from safe_jax.text.subjects.cache import SubjectCache
+from safe_jax.text.subjects.llm_prompt import PROMPT_VERSION
+from safe_jax.text.subjects.ratelimit import Backoff
 
 KEY = "sk-loopback-SECRET-7f3a9c2e1d5b"
 BORIS = ("London's mayor Boris Johnson gives a big thumbs up to photographers during the unveiling of the "
@@ -253,7 +253,7 @@ def test_key_never_in_logs_output_or_cache(tmp_path, monkeypatch, caplog, capfd)
 
 def test_local_server_without_key_through_extract(tmp_path, monkeypatch):
     """vLLM/Ollama style: OPENAI_BASE_URL and no key; the library's one-call API."""
-    from safe_jax.subjects import extract
+    from safe_jax.text.subjects import extract
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with LoopbackOpenAI(answer) as srv:

@@ -118,7 +118,7 @@ FIELD_CASES = [
 @pytest.mark.parametrize("field,value", FIELD_CASES, ids=[f"{f}={v}" for f, v in FIELD_CASES])
 def test_validate_config_names_the_field(field, value):
     from launch.configs import tiny_safe
-    from safe_jax.train_config import validate_config
+    from safe_jax.train.config_check import validate_config
 
     config = tiny_safe.get_config()
     config.unlock()
@@ -134,7 +134,7 @@ def test_validate_config_names_the_field(field, value):
 
 def test_validate_config_accepts_the_shipped_configs_and_refuses_unknown_fields():
     from launch.configs import base, sd15_safe, sd21_safe, tiny_safe
-    from safe_jax.train_config import validate_config
+    from safe_jax.train.config_check import validate_config
 
     for module in (base, tiny_safe, sd15_safe, sd21_safe):
         config = module.get_config()
@@ -156,7 +156,7 @@ def test_validate_config_accepts_the_shipped_configs_and_refuses_unknown_fields(
 # --------------------------------------------------------------------------------------------
 
 def test_every_checkpoint_unreadable_warns_starting_over(tmp_path, caplog):
-    from safe_jax.checkpointing import Checkpointer
+    from safe_jax.train.checkpoints import Checkpointer
 
     with Checkpointer(tmp_path, keep=3, best_metric=None) as ckpt:
         for step in (1, 2):
@@ -167,7 +167,7 @@ def test_every_checkpoint_unreadable_warns_starting_over(tmp_path, caplog):
     for f in (tmp_path / "2" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size:
             f.write_bytes(b"\x00garbage")
-    with caplog.at_level(logging.WARNING, logger="safe_jax.checkpointing"), Checkpointer(tmp_path) as ckpt:
+    with caplog.at_level(logging.WARNING, logger="safe_jax.train.checkpoints"), Checkpointer(tmp_path) as ckpt:
         assert ckpt.restore_latest(_state(0), _iterator()) is None
     loud = [r for r in caplog.records if "starting over from step 0" in r.getMessage()]
     assert len(loud) == 1 and loud[0].levelno == logging.WARNING
@@ -175,7 +175,7 @@ def test_every_checkpoint_unreadable_warns_starting_over(tmp_path, caplog):
 
 
 def test_metric_writer_drops_lines_after_the_resumed_step(tmp_path):
-    from safe_jax.metrics import MetricWriter
+    from safe_jax.train.metrics import MetricWriter
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 10)) + '{"step": 10, "lo')
@@ -189,7 +189,7 @@ def test_metric_writer_drops_lines_after_the_resumed_step(tmp_path):
 
 
 def test_resources_close_in_order_and_keep_the_first_error():
-    from safe_jax.train import _Resources
+    from safe_jax.train.loop import _Resources
 
     closed = []
 
@@ -217,7 +217,7 @@ def test_resources_close_in_order_and_keep_the_first_error():
 
 
 def test_ctrl_c_requests_a_save_and_a_second_one_stops_at_once():
-    from safe_jax.train import _Preemption
+    from safe_jax.train.loop import _Preemption
 
     before = signal.getsignal(signal.SIGINT)
     with _Preemption() as preemption:
@@ -230,7 +230,7 @@ def test_ctrl_c_requests_a_save_and_a_second_one_stops_at_once():
 
 
 def test_finished_step_needs_the_checkpoint_and_a_newer_export(tmp_path):
-    from safe_jax.train import _finished_step
+    from safe_jax.train.loop import _finished_step
 
     ckpts, export = tmp_path / "checkpoints", tmp_path / "export"
     assert _finished_step(ckpts, 10, None) is None
@@ -257,7 +257,7 @@ COMMON = ["--config.steps=12", "--config.checkpoint.every=4", "--config.checkpoi
 # The loop with a metric that raises at step 10 (after the saves at 4 and 8, with step 11 in flight).
 RAISE_AT_10 = """
 import sys
-import safe_jax.train as t
+import safe_jax.train.loop as t
 record = t._Monitor.record
 def failing(self, step, metrics):
     if step == 10:

@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safe_jax import losses, lora, rewards, sharding
-from safe_jax import train_step as ts
-from safe_jax.pipeline import StableDiffusion
+from safe_jax.train import losses, lora, rewards
+
+from safe_jax import sharding
+from safe_jax.train import step as ts
+from safe_jax.sampling.stable_diffusion import StableDiffusion
 from conftest import rel_l2
 
 
@@ -95,7 +97,7 @@ def test_refl_gradient_flows_only_through_the_last_step():
 def losses_timestep(pipe, j):
     import dataclasses
 
-    from safe_jax import schedulers
+    from safe_jax.sampling import schedulers
     sampler = schedulers.make_sampler("ddim", dataclasses.replace(pipe.schedule, timestep_spacing="leading"), 4)
     return jnp.asarray(sampler.timesteps[j]).astype(jnp.int32)
 
@@ -116,7 +118,8 @@ SHARDED = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp, numpy as np
     sys.path.insert(0, "tests")
     from test_train_step import _setup, _step_fn
-    from safe_jax import sharding, train_step as ts
+    from safe_jax import sharding
+    from safe_jax.train import step as ts
     cfg = ts.StepConfig(mode="full", loss="denoising", cond_dropout=0.0, ema_decay=None)
     results = {}
     for name, mesh in (("one", sharding.make_mesh(devices=jax.devices()[:1])), ("2x4", sharding.make_mesh(data=2, fsdp=4))):

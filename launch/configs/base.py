@@ -8,7 +8,7 @@ updates every k of them. ``data.batch_size`` is the global batch (all hosts toge
 
 from ml_collections import ConfigDict, config_dict
 
-from safe_jax.conditioner import DEFAULT_WEIGHT
+from safe_jax.text.conditioner import DEFAULT_WEIGHT
 
 placeholder = config_dict.placeholder
 

@@ -2,7 +2,7 @@
 
 The ANCHOR builder computes no subjects: a record stored without them has an empty list. Where
 such records are read for training, ``fill_missing_subjects`` finds their subjects with
-``safe_jax.subjects`` (offline heuristics by default: no network, no API key, no cache, the same
+``safe_jax.text.subjects`` (offline heuristics by default: no network, no API key, no cache, the same
 answer in every worker process and on every host). Records that have subjects keep them.
 """
 
@@ -15,10 +15,10 @@ from safe_jax.errors import SafeJaxError
 
 
 def fill_missing_subjects(captions: Sequence[Any], subjects: Sequence[Any], backend: str = "offline") -> list[list[str]]:
-    """``subjects`` with every empty list replaced by the subjects ``safe_jax.subjects`` finds in its caption.
+    """``subjects`` with every empty list replaced by the subjects ``safe_jax.text.subjects`` finds in its caption.
 
     ``captions`` and ``subjects`` are parallel (str or the bytes TFDS returns; ``None`` counts as
-    empty). ``backend`` is ``safe_jax.subjects.extract``'s; keep "offline" inside an input
+    empty). ``backend`` is ``safe_jax.text.subjects.extract``'s; keep "offline" inside an input
     pipeline, where a network call per record would stall the workers.
     """
     if len(captions) != len(subjects):
@@ -26,7 +26,7 @@ def fill_missing_subjects(captions: Sequence[Any], subjects: Sequence[Any], back
     out = [as_texts(s) for s in subjects]
     todo = [i for i, s in enumerate(out) if not s]
     if todo:
-        from safe_jax.subjects import extract
+        from safe_jax.text.subjects import extract
 
         found = extract([as_text(captions[i]) for i in todo], backend=backend, progress=False)
         for i, s in zip(todo, found):

@@ -47,7 +47,7 @@ class GlobalBatches:
     uint8 images (the pipeline's default: 4× less to move between processes and to the device) are
     scaled to float32 [-1, 1] on the devices, where it costs nothing that matters.
     It keeps no batch of its own in flight, so its state is exactly the host iterator's, and it can
-    go straight into orbax with ``grain.checkpoint.CheckpointSave(it)`` (``safe_jax.checkpointing``
+    go straight into orbax with ``grain.checkpoint.CheckpointSave(it)`` (``safe_jax.train.checkpoints``
     saves it so, beside the train state).
     Use it as a context manager (or call ``close``) so that worker processes stop cleanly.
     """

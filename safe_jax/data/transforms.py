@@ -114,7 +114,7 @@ class TokenizeWithSubjects(grain.transforms.Map):
     max_length: int = 77
 
     def map(self, features: dict[str, Any]) -> dict[str, Any]:
-        from safe_jax.conditioning import subject_token_weights
+        from safe_jax.text.conditioning import subject_token_weights
 
         tw = subject_token_weights(self.tokenizer, [features["caption"]], [features["subjects"]],
                                    self.subject_weight, self.subject_format, self.max_length)

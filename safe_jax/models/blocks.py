@@ -1,7 +1,7 @@
 """Building blocks shared by the UNet and the VAE, named after their diffusers counterparts.
 
 Everything is NHWC (the layout XLA prefers on TPU and GPU); the PyTorch side is NCHW and the
-conversion in ``safe_jax.convert`` transposes the weights. Every module takes a compute ``dtype``
+conversion in ``safe_jax.io.convert`` transposes the weights. Every module takes a compute ``dtype``
 and a ``param_dtype``: parameters stay fp32 while activations run in bf16 on accelerators.
 """
 

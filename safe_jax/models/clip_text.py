@@ -1,6 +1,6 @@
 """CLIP's text transformer (Stable Diffusion's text encoder) in Flax.
 
-Module and parameter names follow ``transformers.CLIPTextModel`` so ``safe_jax.convert`` maps the
+Module and parameter names follow ``transformers.CLIPTextModel`` so ``safe_jax.io.convert`` maps the
 weights mechanically: ``text_model.encoder.layers_0.self_attn.q_proj.kernel`` here is
 ``text_model.encoder.layers.0.self_attn.q_proj.weight`` in the checkpoint. Two configurations
 matter: SD 1.x (OpenAI CLIP ViT-L/14 text tower, quick_gelu) and SD 2.x (OpenCLIP ViT-H/14 text
@@ -29,7 +29,7 @@ import numpy as np
 from flax import linen as nn
 
 from safe_jax.models import config_fields as fields
-from safe_jax.convert import flax_to_torch, torch_to_flax
+from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
 from safe_jax.models.attention_ops import AttentionImpl, multi_head_attention
 

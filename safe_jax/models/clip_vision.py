@@ -1,6 +1,6 @@
 """CLIP's vision tower and the whole dual-encoder ``CLIPModel`` in Flax (reward models, FID_CLIP).
 
-Module and parameter names follow ``transformers.CLIPModel`` so ``safe_jax.convert`` maps the
+Module and parameter names follow ``transformers.CLIPModel`` so ``safe_jax.io.convert`` maps the
 weights mechanically, one to one and bitwise:
 
     vision_model.embeddings.class_embedding              (hidden,)
@@ -18,7 +18,7 @@ Checkpoints that hold the ``position_ids`` buffers (``text_model.embeddings.posi
 buffers are dropped, as transformers does. Any other missing or extra tensor is an error.
 
 Images are NHWC here (``pixel_values`` [B, H, W, 3], already CLIP-normalised; see
-``safe_jax.rewards.preprocess``), where transformers takes NCHW. Positional embeddings are not
+``safe_jax.train.rewards.preprocess``), where transformers takes NCHW. Positional embeddings are not
 interpolated: H = W = ``image_size`` is required, as transformers requires by default.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -36,7 +35,7 @@ import numpy as np
 from flax import linen as nn
 
 from safe_jax.models import config_fields as fields
-from safe_jax.convert import flax_to_torch, torch_to_flax
+from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
 from safe_jax.models import clip_text
 from safe_jax.models.attention_ops import AttentionImpl
@@ -374,42 +373,3 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray], model: CLIPModel, *
 def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The transformers ``CLIPModel`` state dict of Flax ``params`` (bitwise: only transposes)."""
     return flax_to_torch(params)
-
-
-def load_clip(folder: str | Path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-              attention_impl: AttentionImpl = None, remat_policy: str | None = None
-              ) -> tuple[CLIPModel, dict[str, Any]]:
-    """A transformers ``CLIPModel`` folder (config.json + model.safetensors, sharded safetensors
-    or pytorch_model.bin, read with ``torch.load(weights_only=True)``) as (module, params)."""
-    from safe_jax import diffusers_io
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SafeJaxError(f"CLIP model folder {folder} does not exist")
-    config = CLIPConfig.from_hf(diffusers_io.read_json(folder / "config.json"), str(folder / "config.json"))
-    model = CLIPModel(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                      remat_policy=remat_policy)
-    state = diffusers_io.load_state_dict(folder)
-    return model, from_hf_state_dict(state, model, dtype=param_dtype)
-
-
-def save_clip(model: CLIPModel, params: Mapping[str, Any], folder: str | Path, *, dtype: str = "float32") -> Path:
-    """Write config.json + model.safetensors that ``transformers.CLIPModel.from_pretrained`` loads."""
-    import os
-
-    from safetensors.numpy import save_file
-
-    from safe_jax import diffusers_io
-
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise SafeJaxError(f"save_clip: dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    target = jnp.dtype(dtype)  # ml_dtypes' bfloat16 for "bfloat16"
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    diffusers_io.write_json(folder / "config.json", model.config.to_hf())
-    # Not diffusers_io.save_state_dict: np.ascontiguousarray there makes the 0-d logit_scale [1].
-    tensors = {key: np.array(value, dtype=target, order="C") for key, value in to_hf_state_dict(params).items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
-    return folder

@@ -91,3 +91,27 @@ def config_groups_divide(source: str, groups: int, channels: tuple[int, ...], wh
     for c in channels:
         if c % groups:
             raise SafeJaxError(f"{source}: norm_num_groups={groups} does not divide {what} {c}")
+
+
+def check_unsupported(source: str, what: str, config: Mapping[str, Any], required: Mapping[str, Any]) -> None:
+    """Settings diffusers supports and we do not: each must be absent or hold the value we
+    implement (a per-block list of booleans counts as true if any is), else one line naming it."""
+    for key, want in required.items():
+        got = config.get(key, want)
+        if isinstance(want, bool) and isinstance(got, (list, tuple)):
+            got = any(got)
+        if got != want or isinstance(got, bool) != isinstance(want, bool):
+            raise SafeJaxError(f"{source}: unsupported {what} architecture: {key}={show(got)} "
+                               f"(safe-jax supports {want!r})")
+
+
+def diffusers_blocks(source: str, what: str, config: Any, required: Mapping[str, Any],
+                     default_channels: tuple[int, ...]) -> tuple[Mapping[str, Any], dict[str, Any], int]:
+    """The common start of a diffusers model config: (the config, the fields read so far with
+    ``block_out_channels`` checked, the number of blocks) after refusing unsupported settings."""
+    config = config_object(source, config)
+    check_unsupported(source, what, config, required)
+    kw: dict[str, Any] = {}
+    if "block_out_channels" in config:
+        kw["block_out_channels"] = config_ints(source, "block_out_channels", config["block_out_channels"])
+    return config, kw, len(kw.get("block_out_channels", default_channels))

@@ -73,18 +73,7 @@ class UNetConfig:
     def from_diffusers(cls, cfg: Mapping[str, Any], source: str = "UNet config") -> "UNetConfig":
         """From diffusers' ``unet/config.json`` dict. Every field is checked (type, range, and how
         fields fit together); ``source`` names the file in the one-line error."""
-        cfg = fields.config_object(source, cfg)
-        for key, want in _REQUIRED.items():
-            got = cfg.get(key, want)
-            if isinstance(want, bool) and isinstance(got, (list, tuple)):
-                got = any(got)
-            if got != want or isinstance(got, bool) != isinstance(want, bool):
-                raise SafeJaxError(f"{source}: unsupported UNet architecture: {key}={fields.show(got)} "
-                                   f"(safe-jax supports {want!r})")
-        kw: dict[str, Any] = {}
-        if "block_out_channels" in cfg:
-            kw["block_out_channels"] = fields.config_ints(source, "block_out_channels", cfg["block_out_channels"])
-        n = len(kw.get("block_out_channels", cls.block_out_channels))
+        cfg, kw, n = fields.diffusers_blocks(source, "UNet", cfg, _REQUIRED, cls.block_out_channels)
         for key in ("down_block_types", "up_block_types"):
             if key in cfg:
                 kw[key] = fields.config_names(source, key, cfg[key])

@@ -43,16 +43,7 @@ class VAEConfig:
     def from_diffusers(cls, cfg: Mapping[str, Any], source: str = "VAE config") -> "VAEConfig":
         """From diffusers' ``vae/config.json`` dict. Every field is checked (type, range, and how
         fields fit together); ``source`` names the file in the one-line error."""
-        cfg = fields.config_object(source, cfg)
-        for key, want in _REQUIRED.items():
-            got = cfg.get(key, want)
-            if got != want or isinstance(got, bool) != isinstance(want, bool):
-                raise SafeJaxError(f"{source}: unsupported VAE architecture: {key}={fields.show(got)} "
-                                   f"(safe-jax supports {want!r})")
-        kw: dict[str, Any] = {}
-        if "block_out_channels" in cfg:
-            kw["block_out_channels"] = fields.config_ints(source, "block_out_channels", cfg["block_out_channels"])
-        n = len(kw.get("block_out_channels", cls.block_out_channels))
+        cfg, kw, n = fields.diffusers_blocks(source, "VAE", cfg, _REQUIRED, cls.block_out_channels)
         kw["down_block_types"] = fields.config_names(source, "down_block_types",
                                                  cfg.get("down_block_types", ("DownEncoderBlock2D",) * n))
         kw["up_block_types"] = fields.config_names(source, "up_block_types",

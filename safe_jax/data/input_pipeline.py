@@ -19,7 +19,7 @@ from typing import Any
 
 import grain
 
-from safe_jax.conditioning import DEFAULT_WEIGHT
+from safe_jax.text.conditioning import DEFAULT_WEIGHT
 from safe_jax.data.source import data_source
 from safe_jax.data.transforms import DecodeImage, TokenizeWithSubjects
 from safe_jax.errors import SafeJaxError

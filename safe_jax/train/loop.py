@@ -4,7 +4,7 @@
 
 The path of one step, top-down: ANCHOR batch (caption ids + subject token weights + image) →
 subject-weighted conditioning → UNet (LoRA merged) → denoising / ReFL loss → AdamW update, all in
-one compiled ``train_step`` (``safe_jax.train_step``). This module is the host side around it:
+one compiled ``train_step`` (``safe_jax.train.step``). This module is the host side around it:
 the mesh, the input pipeline, resuming from the latest checkpoint, metrics, samples, preemption,
 and the export at the end. Every process runs this same function (multi-host: after
 ``jax.distributed.initialize``).
@@ -25,13 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safe_jax import lora, rewards, schedulers, sharding, train_step
-from safe_jax.checkpointing import Checkpointer
+from safe_jax.train import lora, rewards, step as train_step
+
+from safe_jax.sampling import schedulers
+
+from safe_jax import sharding
+from safe_jax.train.checkpoints import Checkpointer
 from safe_jax.data import GlobalBatches, InputConfig, data_source, make_iterator
 from safe_jax.errors import SafeJaxError
-from safe_jax.metrics import MetricWriter, compiled_flops, device_peak_flops, finite_means, mfu
-from safe_jax.pipeline import StableDiffusion
-from safe_jax.train_config import validate_config
+from safe_jax.train.metrics import MetricWriter, compiled_flops, device_peak_flops, finite_means, mfu
+from safe_jax.sampling.stable_diffusion import StableDiffusion
+from safe_jax.train.config_check import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +187,16 @@ def export(pipe: StableDiffusion, params: dict, state: train_step.TrainState, fr
     """The trained model as a diffusers folder (LoRA merged into the UNet), plus the LoRA file.
     Every process calls it (sharded values are gathered); process 0 writes."""
     trained = sharding.host_copy(state.ema if config.export.use_ema and state.ema is not None else state.params)
+    base = sharding.host_copy(frozen["unet"]) if config.mode == "lora" else None  # a gather: every process
     if config.mode == "lora":
         lora.save_lora(trained, out_dir, scale=_lora_scale(config),
                        dtype="float16" if config.export.dtype == "float16" else "float32")
-    unet = trained_unet(trained, frozen, config)
     if jax.process_index() == 0:
-        pipe.save_pretrained({**params, "unet": unet}, out_dir, dtype=config.export.dtype)
+        if config.mode == "lora":
+            lora.export_merged(pipe, {**params, "unet": base}, trained, out_dir, _lora_scale(config),
+                               config.export.dtype)
+        else:
+            pipe.save_pretrained({**params, "unet": trained}, out_dir, dtype=config.export.dtype)
         log.info("exported to %s", out_dir)
     if jax.process_count() > 1:  # every process returns once the folder is complete
         from jax.experimental import multihost_utils
@@ -390,7 +398,7 @@ class _Sampler:
     """Sample grids during training: each prompt without and with subject weighting."""
 
     def __init__(self, pipe: StableDiffusion, params: dict, config: Any, writer: MetricWriter):
-        from safe_jax.subjects import extract
+        from safe_jax.text.subjects import extract
 
         self.pipe, self.params, self.config, self.writer = pipe, params, config, writer
         self.prompts = list(config.sample.prompts)

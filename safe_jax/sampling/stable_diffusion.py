@@ -17,11 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from safe_jax import conditioner as conditioner_lib
-from safe_jax import diffusers_io as io
-from safe_jax import presets, schedulers, sharding, tokenizer as tok
-from safe_jax.conditioner import DEFAULT_WEIGHT, TextConditioner
-from safe_jax.convert import flax_to_torch, torch_to_flax
+from safe_jax.text import conditioner as conditioner_lib
+from safe_jax.io import folders as io
+from safe_jax.io import presets
+from safe_jax.sampling import schedulers
+from safe_jax import sharding
+from safe_jax.text import tokenizer as tok
+from safe_jax.text.conditioner import DEFAULT_WEIGHT, TextConditioner
+from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
 from safe_jax.models import clip_text
 from safe_jax.models.attention_ops import AttentionImpl

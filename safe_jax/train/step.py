@@ -3,7 +3,7 @@
 The step is a pure function of (state, frozen, batch), built once by ``make_train_step`` and
 compiled ahead of time by ``compile_train_step`` with explicit in/out shardings and a donated
 state (what pjit was). ``state.params`` is what is trained: the UNet's parameters, or a LoRA tree
-(``safe_jax.lora``) merged into the frozen UNet inside the step.
+(``safe_jax.train.lora``) merged into the frozen UNet inside the step.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from safe_jax import lora, losses, sharding
-from safe_jax.conditioner import SubjectSettings, TextConditioner
+from safe_jax.train import lora, losses
+
+from safe_jax import sharding
+from safe_jax.text.conditioner import SubjectSettings, TextConditioner
 from safe_jax.errors import SafeJaxError
 from safe_jax.models.vae import AutoencoderKL, sample_posterior
-from safe_jax.schedulers import ScheduleConfig
+from safe_jax.sampling.schedulers import ScheduleConfig
 
 
 @flax.struct.dataclass

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safe_jax import conditioning as cond
+from safe_jax.text import conditioning as cond
 from safe_jax.errors import SafeJaxError
 
 DEFAULT_WEIGHT = cond.DEFAULT_WEIGHT  # 1.1², Compel's "++": the paper's weight
@@ -87,7 +87,7 @@ class TextConditioner:
 
     # ------------------------------------------------------------------ host side
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        from safe_jax import tokenizer as tok
+        from safe_jax.text import tokenizer as tok
 
         return tok.tokenize(self.tokenizer, list(prompts), self.max_length)
 

@@ -20,14 +20,14 @@ from typing import Any, Callable, TypeVar
 import openai
 from tqdm.auto import tqdm
 
-from safe_jax.subjects.cache import SubjectCache
-from safe_jax.subjects.extraction_report import Report
-from safe_jax.subjects.llm_prompt import MalformedAnswer, parse_answer
-from safe_jax.subjects.online import OnAnswer, OnFailure, ServiceError, describe, is_transient, where
-from safe_jax.subjects.ratelimit import Backoff, parse_retry_after
-from safe_jax.subjects.redact import Redactor
+from safe_jax.text.subjects.cache import SubjectCache
+from safe_jax.text.subjects.extraction_report import Report
+from safe_jax.text.subjects.llm_prompt import MalformedAnswer, parse_answer
+from safe_jax.text.subjects.online import OnAnswer, OnFailure, ServiceError, describe, is_transient, where
+from safe_jax.text.subjects.ratelimit import Backoff, parse_retry_after
+from safe_jax.text.subjects.redact import Redactor
 
-log = logging.getLogger("safe_jax.subjects")
+log = logging.getLogger("safe_jax.text.subjects")
 
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})

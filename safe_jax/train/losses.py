@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from safe_jax import schedulers
+from safe_jax.sampling import schedulers
 
 UNetFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]  # (params, x NHWC, t [B], context) -> out
 DecodeFn = Callable[[jax.Array], jax.Array]  # latents (already / scaling_factor) -> images in [-1, 1]

@@ -102,10 +102,10 @@ def _remat_policy(v: Any) -> str | None:
 
 def _spec() -> dict[str, Check]:
     """Every field of ``launch/configs/base.py`` and its check."""
-    from safe_jax import rewards
-    from safe_jax.conditioning import FORMATS, METHODS
+    from safe_jax.train import rewards
+    from safe_jax.text.conditioning import FORMATS, METHODS
     from safe_jax.data.transforms import CROPS
-    from safe_jax.schedulers import SAMPLERS
+    from safe_jax.sampling.schedulers import SAMPLERS
 
     return {
         "model": _string(nonempty=True),
@@ -205,7 +205,8 @@ def validate_config(config: Any, *, devices: int | None = None, check_devices: b
 
 
 def _cross_checks(c: Callable[[str], Any]) -> None:
-    from safe_jax import presets, rewards
+    from safe_jax.io import presets
+    from safe_jax.train import rewards
 
     lo, hi, n = c("loss.refl_step_min"), c("loss.refl_step_max"), c("loss.refl_steps")
     if not lo <= hi < n:

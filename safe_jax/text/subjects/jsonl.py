@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.subjects.extractor import Record, SubjectResult
+from safe_jax.text.subjects.extractor import Record, SubjectResult
 
 
 def parse_records(lines: Iterable[str], name: str) -> list[Record]:

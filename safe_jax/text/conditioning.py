@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safe_jax import prompt_syntax
+from safe_jax.text import prompt_syntax
 from safe_jax.errors import SafeJaxError
 
 DEFAULT_WEIGHT = 1.1**2  # Compel's "++"; the paper's choice among 1.1, 1.21, 1.331, 1.4641

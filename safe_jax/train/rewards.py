@@ -46,12 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from safe_jax.errors import SafeJaxError
+from safe_jax.io.clip_folder import load_clip
 from safe_jax.models.clip_vision import (
     CLIPConfig,
     CLIPModel,
     init_params as clip_init_params,
     l2_normalise,
-    load_clip,
     preset as clip_preset,
 )
 
@@ -410,8 +410,8 @@ def load_clip_reward(folder: str | Path, name: str = "clip_score", *, dtype: Any
 def clip_tokenizer(folder: str | Path | None = None):
     """The tokenizer for a CLIP reward's ``input_ids``: ``folder``'s own when it holds one
     (tokenizer.json, or vocab.json + merges.txt), otherwise OpenAI CLIP's BPE (bundled, offline).
-    Tokenise with ``safe_jax.tokenizer.tokenize(tok, captions)`` (77 tokens, padded)."""
-    from safe_jax import tokenizer as tok
+    Tokenise with ``safe_jax.text.tokenizer.tokenize(tok, captions)`` (77 tokens, padded)."""
+    from safe_jax.text import tokenizer as tok
 
     if folder is not None:
         folder = Path(folder)

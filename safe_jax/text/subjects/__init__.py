@@ -1,15 +1,15 @@
 """Key subjects of news captions (SAFE part 1): an LLM through any OpenAI-compatible endpoint, or
 offline heuristics; every subject is a verbatim span of its caption, ready for token weighting."""
 
-from safe_jax.subjects.cache import default_cache_path
-from safe_jax.subjects.extractor import (
+from safe_jax.text.subjects.cache import default_cache_path
+from safe_jax.text.subjects.extractor import (
     BACKENDS, DEFAULT_MODEL, Extraction, Record, SubjectExtractor, SubjectResult, extract, resolve_backend,
 )
-from safe_jax.subjects.extraction_report import Report
-from safe_jax.subjects.llm_prompt import PROMPT_VERSION
-from safe_jax.subjects.offline import offline_subjects
-from safe_jax.subjects.online import ServiceError
-from safe_jax.subjects.validate import match_phrases
+from safe_jax.text.subjects.extraction_report import Report
+from safe_jax.text.subjects.llm_prompt import PROMPT_VERSION
+from safe_jax.text.subjects.offline import offline_subjects
+from safe_jax.text.subjects.online import ServiceError
+from safe_jax.text.subjects.validate import match_phrases
 
 __all__ = [
     "BACKENDS", "DEFAULT_MODEL", "PROMPT_VERSION", "Extraction", "Record", "Report", "ServiceError",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from safe_jax.subjects import lexicon as lx
+from safe_jax.text.subjects import lexicon as lx
 
 HEURISTIC_VERSION = "offline-v1"
 

@@ -20,17 +20,17 @@ from typing import Any, Iterable, Mapping
 from tqdm.auto import tqdm
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.subjects import llm_prompt
-from safe_jax.subjects.batch import BatchSettings, run_batches
-from safe_jax.subjects.cache import SubjectCache, answer_key, default_cache_path
-from safe_jax.subjects.extraction_report import Report
-from safe_jax.subjects.offline import HEURISTIC_VERSION, offline_subjects
-from safe_jax.subjects.online import DirectSettings, ServiceError, ask_all
-from safe_jax.subjects.ratelimit import Backoff
-from safe_jax.subjects.redact import Redactor
-from safe_jax.subjects.validate import DEFAULT_THRESHOLD, match_phrases
+from safe_jax.text.subjects import llm_prompt
+from safe_jax.text.subjects.batch import BatchSettings, run_batches
+from safe_jax.text.subjects.cache import SubjectCache, answer_key, default_cache_path
+from safe_jax.text.subjects.extraction_report import Report
+from safe_jax.text.subjects.offline import HEURISTIC_VERSION, offline_subjects
+from safe_jax.text.subjects.online import DirectSettings, ServiceError, ask_all
+from safe_jax.text.subjects.ratelimit import Backoff
+from safe_jax.text.subjects.redact import Redactor
+from safe_jax.text.subjects.validate import DEFAULT_THRESHOLD, match_phrases
 
-log = logging.getLogger("safe_jax.subjects")
+log = logging.getLogger("safe_jax.text.subjects")
 
 DEFAULT_MODEL = "gpt-4o-mini"
 BACKENDS = ("auto", "openai", "offline")
@@ -263,7 +263,7 @@ class SubjectExtractor:
         with openai.OpenAI(**self._client_kwargs()) as client:
             return run_batches(client, cache, todo, self._body, settings, report, self._redact, accept, fail,
                                progress=self.progress,
-                               metadata={"source": "safe_jax.subjects", "prompt": llm_prompt.PROMPT_VERSION})
+                               metadata={"source": "safe_jax.text.subjects", "prompt": llm_prompt.PROMPT_VERSION})
 
 
 def _run_coroutine(make) -> None:

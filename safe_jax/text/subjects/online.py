@@ -19,12 +19,12 @@ from typing import Any, Callable
 import openai
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.subjects.extraction_report import Report
-from safe_jax.subjects.llm_prompt import MalformedAnswer, parse_answer
-from safe_jax.subjects.ratelimit import Backoff, RateLimiter, parse_retry_after
-from safe_jax.subjects.redact import Redactor
+from safe_jax.text.subjects.extraction_report import Report
+from safe_jax.text.subjects.llm_prompt import MalformedAnswer, parse_answer
+from safe_jax.text.subjects.ratelimit import Backoff, RateLimiter, parse_retry_after
+from safe_jax.text.subjects.redact import Redactor
 
-log = logging.getLogger("safe_jax.subjects")
+log = logging.getLogger("safe_jax.text.subjects")
 
 OnAnswer = Callable[[str, str, list[str]], None]
 OnFailure = Callable[[str, str, str], None]

@@ -1,0 +1,2 @@
+"""Drawing images: noise schedules and samplers (``schedulers``) and the ``StableDiffusion``
+pipeline (load, generate, save)."""

@@ -4,7 +4,7 @@
     python -m launch.train --config launch/configs/sd15_safe.py --config.model=/models/sd15
 
 Multi-host: every process runs the same command. On a TPU pod and under SLURM, JAX finds the
-coordinator itself; elsewhere pass --coordinator=HOST:PORT --num_processes=N --process_id=I.
+coordinator itself; elsewhere pass --coordinator=HOST:PORT --num-processes=N --process-id=I.
 Re-running a command resumes from its workdir's latest checkpoint; re-running a finished run
 says so and exits. SIGTERM or Ctrl-C saves a checkpoint and exits (a second Ctrl-C stops at once).
 
@@ -64,7 +64,7 @@ def init_distributed() -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "safe-jax train") -> int:
-    argv = [prog] + (sys.argv[1:] if argv is None else list(argv))
+    argv = [prog] + [_absl_name(a) for a in (sys.argv[1:] if argv is None else list(argv))]
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help(), file=sys.stderr)
         return 0
@@ -101,6 +101,16 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax train") -> int:
               + (f" ({_notes(e)})" if _notes(e) else "")
               + (f"; traceback in {where}" if where else ""), file=sys.stderr)
         return 1
+
+
+# The other commands spell flags with dashes (argparse); absl names them with underscores.
+_DASHED = {"--num-processes": "--num_processes", "--process-id": "--process_id"}
+
+
+def _absl_name(arg: str) -> str:
+    """``--num-processes=2`` → ``--num_processes=2``: one flag style across the commands."""
+    name, sep, value = arg.partition("=")
+    return _DASHED.get(name, name) + sep + value
 
 
 def _parse(argv: list[str]) -> str | None:
@@ -179,15 +189,15 @@ def _check_config() -> str | None:
 
     n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
     if n is not None and n < 1:
-        return f"--num_processes must be ≥ 1, got {n}"
+        return f"--num-processes must be ≥ 1, got {n}"
     if i is not None and not 0 <= i < (n or 1):
-        return f"--process_id must be in [0, --num_processes), got {i}"
+        return f"--process-id must be in [0, --num-processes), got {i}"
     if _COORDINATOR.value is not None:
         host, _, port = _COORDINATOR.value.rpartition(":")
         if not host or not port.isdigit():
             return f"--coordinator must be HOST:PORT, got {_COORDINATOR.value!r}"
         if n is None or i is None:
-            return "--coordinator needs --num_processes and --process_id"
+            return "--coordinator needs --num-processes and --process-id"
     try:
         validate_config(_CONFIG.value, check_devices=False)
     except SafeJaxError as e:

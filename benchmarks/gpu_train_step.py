@@ -126,10 +126,10 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from safe_jax.train import lora, step as ts
-
     from safe_jax import sharding
     from safe_jax.sampling.stable_diffusion import StableDiffusion
+    from safe_jax.train import lora
+    from safe_jax.train import step as ts
 
     dtype = getattr(jnp, args.dtype)
     impl = None if args.attention == "default" else args.attention

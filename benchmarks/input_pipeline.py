@@ -40,8 +40,8 @@ def stages(data_dir: str, tokenizer, resolution: int, n: int = 200) -> None:
     """One core, one record at a time: where the time goes."""
     import numpy as np
 
-    from safe_jax.text.conditioning import subject_token_weights
     from safe_jax.data import data_source, load_image
+    from safe_jax.text.conditioning import subject_token_weights
 
     source = data_source("anchor/default", "train", data_dir)
     n = min(n, len(source))

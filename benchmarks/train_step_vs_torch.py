@@ -114,14 +114,13 @@ def build_ours(name: str, seed: int):
     """(pipe, params) of a config, random weights."""
     import jax.numpy as jnp
 
-    from safe_jax.sampling import schedulers
-
-    from safe_jax.text import tokenizer as tok
+    from safe_jax.io.presets import PRESETS
     from safe_jax.models import clip_text
     from safe_jax.models.unet import UNet2DConditionModel, UNetConfig
     from safe_jax.models.vae import AutoencoderKL, VAEConfig
+    from safe_jax.sampling import schedulers
     from safe_jax.sampling.stable_diffusion import StableDiffusion
-    from safe_jax.io.presets import PRESETS
+    from safe_jax.text import tokenizer as tok
 
     cfg = CONFIGS[name]
     if "preset" in cfg:
@@ -161,9 +160,9 @@ def compile_ours(pipe, params, cfg, batch_np, args):
     import jax
     import jax.numpy as jnp
 
-    from safe_jax.train import rewards, step as ts
-
     from safe_jax import sharding
+    from safe_jax.train import rewards
+    from safe_jax.train import step as ts
 
     tx = ts.make_optimizer(args.lr, total_steps=1000, schedule="constant", weight_decay=args.weight_decay, clip_norm=1.0)
     reward = rewards.make_reward("brightness") if cfg.loss != "denoising" else None

@@ -136,14 +136,14 @@ def main(argv=None) -> int:
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
 
+    import importlib
+
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
-
-    import importlib
 
     from safe_jax.io.convert import torch_to_flax
 

@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax demo") -> int:
 def run(out: Path, steps: int | None, num_prompts: int) -> int:
     import jax
 
-    from launch.configs import tiny_safe
     from launch import report
+    from launch.configs import tiny_safe
     from safe_jax.data import data_source
-    from safe_jax.train.metrics import finite_means
     from safe_jax.data.source import as_text, as_texts
     from safe_jax.train.loop import train
+    from safe_jax.train.metrics import finite_means
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,8 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     s.add_argument("--subjects", action="append", default=None,
                    help="'auto' (an LLM or offline extractor, safe_jax.text.subjects), 'none', or phrases separated by "
                         "';'; give once for all prompts or once per prompt")
-    s.add_argument("--subject-weight", type=float_in(0.0, low_open=True), default=1.21,
-                   help="weight of the subject tokens (1.1² = Compel's ++)")
+    s.add_argument("--subject-weight", type=float_in(0.0, low_open=True), default=None,
+                   help="weight of the subject tokens (default: 1.1² = 1.21, Compel's ++, the paper's)")
     s.add_argument("--weighting", choices=("compel", "a1111"), default="compel",
                    help="compel: z∅ + w(z − z∅); a1111: z·w with the mean restored")
     s.add_argument("--subject-format", default="plain",
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax generate") -> int:
         from tqdm import tqdm
 
         from safe_jax.sampling.stable_diffusion import StableDiffusion
+        from safe_jax.text.conditioning import DEFAULT_WEIGHT
 
         t0 = time.perf_counter()
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
@@ -111,9 +112,10 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax generate") -> int:
         prompts = args.prompt
         subjects = resolve_subjects(args.subjects, prompts)
         syntax = None if args.prompt_syntax == "none" else args.prompt_syntax
-        weighting = dict(subject_weight=args.subject_weight, weighting=args.weighting,
+        weight = DEFAULT_WEIGHT if args.subject_weight is None else args.subject_weight
+        weighting = dict(subject_weight=weight, weighting=args.weighting,
                          subject_format=args.subject_format, prompt_syntax=syntax)
-        pipe.token_weights(prompts, subjects, args.subject_weight, args.subject_format, syntax)  # bad input: fail now
+        pipe.token_weights(prompts, subjects, weight, args.subject_format, syntax)  # bad input: fail now
         args.out.mkdir(parents=True, exist_ok=True)
         with tqdm(total=len(prompts), desc="generating", unit="img") as bar:
             for start in range(0, len(prompts), args.batch_size):

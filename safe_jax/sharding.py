@@ -26,7 +26,8 @@ from typing import Any, Sequence, Union
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from safe_jax.errors import SafeJaxError
 

@@ -59,11 +59,10 @@ def torch_pipeline(preset: str = "tiny", prediction_type: str = "epsilon", seed:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from safe_jax.io import presets
-
-    from safe_jax.text import tokenizer
     from safe_jax.models import clip_text
     from safe_jax.models.unet import UNetConfig
     from safe_jax.models.vae import VAEConfig
+    from safe_jax.text import tokenizer
 
     spec = dict(presets.preset(preset), **components)
     torch.manual_seed(seed)

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safe_jax.train.checkpoints import Checkpointer
 from safe_jax.errors import SafeJaxError
+from safe_jax.train.checkpoints import Checkpointer
 
 
 def _iterator(position: int = 0):

@@ -14,8 +14,8 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
+from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.models.clip_text import (
     PRESETS,
     CLIPTextConfig,

@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import rel_l2
 
-from safe_jax.text import conditioning as cond
-from safe_jax.text import tokenizer as tok
 from safe_jax.errors import SafeJaxError
 from safe_jax.sampling.stable_diffusion import StableDiffusion
+from safe_jax.text import conditioning as cond
+from safe_jax.text import tokenizer as tok
 
 CAPTION = "London's mayor Boris Johnson gives a big thumbs up to photographers on Tower Bridge."
 

@@ -13,10 +13,16 @@ from PIL import Image
 pytest.importorskip("grain")
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from safe_jax.text.conditioning import DEFAULT_WEIGHT, subject_token_weights  # noqa: E402
 from safe_jax.data import (  # noqa: E402
-    GlobalBatches, InputConfig, data_source, global_batch, data_sharding, load_image, make_iterator,
+    GlobalBatches,
+    InputConfig,
+    data_sharding,
+    data_source,
+    global_batch,
+    load_image,
+    make_iterator,
 )
+from safe_jax.text.conditioning import DEFAULT_WEIGHT, subject_token_weights  # noqa: E402
 from safe_jax.text.tokenizer import tiny_tokenizer  # noqa: E402
 
 

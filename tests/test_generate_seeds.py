@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import rel_l2
 from PIL import Image
 
-from conftest import rel_l2
 from safe_jax.sampling.stable_diffusion import StableDiffusion
 
 PROMPTS = ["Firefighters at a flooded street in Leeds.", "A minister at a podium in Berlin.",
@@ -82,6 +82,7 @@ def test_generate_at_a_size_diffusers_accepts_matches_diffusers(tmp_path):
     """72×40 pixels through an SD-like VAE (downscale 8): 9×5 latents, which the tiny UNet's
     downsampling cannot halve exactly (640×480 for SD 1.5 is the same case at full size)."""
     from conftest import torch_pipeline
+
     from safe_jax.io import presets
 
     vae = dict(presets.preset("tiny")["vae"], block_out_channels=[8, 8, 16, 16])

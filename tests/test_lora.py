@@ -7,15 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import rel_l2
 from flax import traverse_util
 
-from conftest import rel_l2
 from safe_jax import SafeJaxError
-from safe_jax.train import lora
 from safe_jax.io import presets
 from safe_jax.io.convert import flax_to_torch
 from safe_jax.models.unet import UNet2DConditionModel, UNetConfig
 from safe_jax.sampling.stable_diffusion import StableDiffusion
+from safe_jax.train import lora
 
 RANK, ALPHA = 4, 8.0
 

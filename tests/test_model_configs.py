@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from safe_jax.io import presets
 from safe_jax.errors import SafeJaxError
+from safe_jax.io import presets
 from safe_jax.models import clip_text, clip_vision
 from safe_jax.models.unet import UNetConfig
 from safe_jax.models.vae import VAEConfig

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import rel_l2
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import UNet2DConditionModel as TorchUNet
 
-from conftest import rel_l2
 from safe_jax.io import presets
 from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -119,7 +119,8 @@ def _count(tree) -> int:
 
 @pytest.mark.parametrize("name", ["sd15", "sd21", "sd21-base"])
 def test_full_size_parameter_counts(name):
-    from transformers import CLIPTextConfig, CLIPTextModel as TorchCLIP
+    from transformers import CLIPTextConfig
+    from transformers import CLIPTextModel as TorchCLIP
 
     from safe_jax.models import clip_text
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from safe_jax.errors import SafeJaxError
 from safe_jax.text import conditioning as cond
 from safe_jax.text import tokenizer as tok
-from safe_jax.errors import SafeJaxError
 from safe_jax.text.prompt_syntax import parse, parse_a1111, parse_compel
 
 COMPEL_PROMPTS = [

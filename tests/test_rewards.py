@@ -14,12 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import rel_l2
 from PIL import Image
 
-from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
 from safe_jax.io import clip_folder
+from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.models import clip_vision as cv
+from safe_jax.text.tokenizer import tokenize
 from safe_jax.train.rewards import (
     CLIP_MEAN,
     CLIP_STD,
@@ -30,9 +32,6 @@ from safe_jax.train.rewards import (
     preprocess,
     resize_bicubic,
 )
-from safe_jax.text.tokenizer import tokenize
-
-from conftest import rel_l2
 
 CAPTIONS = ["a photo of a cat", "Firefighters at a flooded street in Leeds.", "Boris Johnson on Tower Bridge"]
 TINY = cv.PRESETS["tiny"]

@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from conftest import assert_close_f32  # noqa: E402
 from diffusers import (  # noqa: E402
     DDIMScheduler,
     DDPMScheduler,
@@ -25,9 +26,8 @@ from diffusers import (  # noqa: E402
 from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_mod  # noqa: E402
 from diffusers.training_utils import compute_snr  # noqa: E402
 
-from conftest import assert_close_f32  # noqa: E402
-from safe_jax.sampling import schedulers as S
 from safe_jax.errors import SafeJaxError  # noqa: E402
+from safe_jax.sampling import schedulers as S
 
 SHAPE = (2, 4, 8, 8)
 STEPS = 12

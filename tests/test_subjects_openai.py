@@ -11,7 +11,8 @@ import pytest
 from loopback_openai import LoopbackOpenAI, Reply
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.text.subjects import SubjectExtractor, batch as batch_mod
+from safe_jax.text.subjects import SubjectExtractor
+from safe_jax.text.subjects import batch as batch_mod
 from safe_jax.text.subjects.cache import SubjectCache
 from safe_jax.text.subjects.llm_prompt import PROMPT_VERSION
 from safe_jax.text.subjects.ratelimit import Backoff
@@ -209,9 +210,9 @@ def test_wrong_key_is_one_line_without_the_key(tmp_path):
 
 def test_key_never_in_logs_output_or_cache(tmp_path, monkeypatch, caplog, capfd):
     """Every path at DEBUG logging: retries, bad JSON, dropped phrases, batch mode, a rejected key."""
-    from launch.subjects import main
-
     import logging
+
+    from launch.subjects import main
     caplog.set_level(logging.DEBUG)
     for name in ("openai", "httpx2", "httpcore2", "safe_jax"):
         logging.getLogger(name).setLevel(logging.DEBUG)

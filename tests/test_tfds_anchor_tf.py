@@ -16,7 +16,9 @@ pytest.importorskip("dill")  # tfds.testing needs it
 
 # The DatasetBuilderTestCase classes live beside the builder, in TFDS's manner; collected here.
 from tfds_anchor.anchor.anchor_dataset_builder_test import (  # noqa: E402,F401
-    AnchorDefaultTest, AnchorEntityTest, AnchorSampleTest,
+    AnchorDefaultTest,
+    AnchorEntityTest,
+    AnchorSampleTest,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 from test_checkpointing import _iterator, _state
-from test_train_loop import ROOT, _command, _metrics, _saved_state, _start, _wait_for
-from test_train_loop import env  # noqa: F401 (a fixture: the built data set and XLA cache)
+from test_train_loop import (
+    ROOT,
+    _command,
+    _metrics,
+    _saved_state,
+    _start,
+    _wait_for,
+    env,  # noqa: F401 (a fixture: the built data set and XLA cache)
+)
 
 from safe_jax.errors import SafeJaxError
 

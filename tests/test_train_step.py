@@ -11,13 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from safe_jax.train import losses, lora, rewards
+from conftest import rel_l2
 
 from safe_jax import sharding
-from safe_jax.train import step as ts
 from safe_jax.sampling.stable_diffusion import StableDiffusion
-from conftest import rel_l2
+from safe_jax.train import lora, losses, rewards
+from safe_jax.train import step as ts
 
 
 def _setup(cfg: ts.StepConfig, lr=1e-3, batch_size=2, seed=0):

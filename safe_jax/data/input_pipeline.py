@@ -19,10 +19,10 @@ from typing import Any
 
 import grain
 
-from safe_jax.text.conditioning import DEFAULT_WEIGHT
 from safe_jax.data.source import data_source
 from safe_jax.data.transforms import DecodeImage, TokenizeWithSubjects
 from safe_jax.errors import SafeJaxError
+from safe_jax.text.conditioning import DEFAULT_WEIGHT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,7 @@ class InputConfig:
     drop_remainder: bool = True
     subject_weight: float = DEFAULT_WEIGHT
     subject_format: str = "plain"
+    max_length: int = 77              # tokens per caption: the text encoder's max_position_embeddings
     worker_count: int = 2
     worker_buffer_size: int = 2
     read_threads: int = 2
@@ -89,7 +90,7 @@ def make_dataset(config: InputConfig, tokenizer: Any, *, source: Any = None,
         ds = ds.shuffle()
     ds = ds.repeat(config.num_epochs)  # reseeds the shuffle each epoch
     ds = ds.random_map(DecodeImage(config.resolution, config.crop, config.flip, config.image_dtype))
-    ds = ds.map(TokenizeWithSubjects(tokenizer, config.subject_weight, config.subject_format))
+    ds = ds.map(TokenizeWithSubjects(tokenizer, config.subject_weight, config.subject_format, config.max_length))
     ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder)
     ds = ds[index::count]  # lazy: a host decodes only its own batches, augmentation keyed by global position
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch))

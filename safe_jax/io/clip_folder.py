@@ -1,5 +1,6 @@
 """transformers ``CLIPModel`` folders (reward and metric models) read into and written from our
-Flax CLIP: config.json + safetensors (or ``pytorch_model.bin`` through ``torch.load(weights_only=True)``)."""
+Flax CLIP: config.json + safetensors (or ``pytorch_model.bin`` through ``torch.load(weights_only=True)``),
+and random weights for a CLIP built without a folder."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ from safetensors.numpy import save_file
 
 from safe_jax.errors import SafeJaxError
 from safe_jax.io import folders
+from safe_jax.io.random_init import random_params
 from safe_jax.models.attention_ops import AttentionImpl
-from safe_jax.models.clip_vision import CLIPConfig, CLIPModel, from_hf_state_dict, to_hf_state_dict
+from safe_jax.models.clip_vision import CLIPConfig, CLIPModel, abstract_params, from_hf_state_dict, to_hf_state_dict
+
+
+def init_params(model: CLIPModel, seed: int = 0) -> dict[str, Any]:
+    """Random weights for ``model`` (``random_init``), the logit scale at its initial value."""
+    return random_params(abstract_params(model), seed, {"logit_scale": model.config.logit_scale_init_value})
 
 
 def load_clip(folder: str | Path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from safe_jax.models import config_fields as fields
-from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
+from safe_jax.io.convert import flax_to_torch, torch_to_flax
+from safe_jax.models import config_fields as fields
 from safe_jax.models.attention_ops import AttentionImpl, multi_head_attention
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from safe_jax.models import config_fields as fields
-from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.errors import SafeJaxError
+from safe_jax.io.convert import flax_to_torch, torch_to_flax
 from safe_jax.models import clip_text
+from safe_jax.models import config_fields as fields
 from safe_jax.models.attention_ops import AttentionImpl
 from safe_jax.models.blocks import remat
 from safe_jax.models.clip_text import CLIPEncoderLayer, CLIPTextConfig, CLIPTextTransformer
@@ -332,31 +332,6 @@ def abstract_params(model: CLIPModel) -> dict[str, Any]:
     pixels = jax.ShapeDtypeStruct((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels), jnp.float32)
     ids = jax.ShapeDtypeStruct((1, c.text.max_position_embeddings), jnp.int32)
     return jax.eval_shape(model.init, jax.random.key(0), pixels, ids)["params"]
-
-
-def init_params(model: CLIPModel, seed: int = 0) -> dict[str, Any]:
-    """Random weights drawn on the host from the abstract tree (no compile, unlike ``model.init``).
-
-    Kernels LeCun-normal, embeddings N(0, 0.02²), norms identity, biases zero, logit scale at
-    its initial value: a sane untrained network for tests and demos.
-    """
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name, shape = path[-1].key, leaf.shape
-        if name == "kernel":
-            x = rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:-1]))
-        elif name in ("embedding", "class_embedding"):
-            x = 0.02 * rng.standard_normal(shape, np.float32)
-        elif name == "scale":
-            x = np.ones(shape, np.float32)
-        elif name == "logit_scale":
-            x = np.full(shape, model.config.logit_scale_init_value, np.float32)
-        else:
-            x = np.zeros(shape, np.float32)
-        return jnp.asarray(x, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract_params(model))
 
 
 def from_hf_state_dict(state_dict: Mapping[str, np.ndarray], model: CLIPModel, *, dtype: Any = None

@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from safe_jax.models import config_fields as fields
 from safe_jax.errors import SafeJaxError
+from safe_jax.models import config_fields as fields
 from safe_jax.models.attention_ops import AttentionImpl
 from safe_jax.models.blocks import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, conv, group_norm
 

@@ -12,8 +12,8 @@ PyTorch schedulers to float32 rounding.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import json
+import logging
 import math
 import numbers
 import os

@@ -15,21 +15,23 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from safe_jax.text import conditioner as conditioner_lib
+from safe_jax import sharding
+from safe_jax.errors import SafeJaxError
 from safe_jax.io import folders as io
 from safe_jax.io import presets
-from safe_jax.sampling import schedulers
-from safe_jax import sharding
-from safe_jax.text import tokenizer as tok
-from safe_jax.text.conditioner import DEFAULT_WEIGHT, TextConditioner
 from safe_jax.io.convert import flax_to_torch, torch_to_flax
-from safe_jax.errors import SafeJaxError
+from safe_jax.io.random_init import random_params
 from safe_jax.models import clip_text
 from safe_jax.models.attention_ops import AttentionImpl
 from safe_jax.models.unet import UNet2DConditionModel, UNetConfig
 from safe_jax.models.vae import AutoencoderKL, VAEConfig
+from safe_jax.sampling import schedulers
+from safe_jax.text import conditioner as conditioner_lib
+from safe_jax.text import tokenizer as tok
+from safe_jax.text.conditioner import DEFAULT_WEIGHT, TextConditioner
 
 Params = dict[str, Any]
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -139,27 +141,8 @@ class StableDiffusion:
         return {k: jax.eval_shape(m.init, jax.random.key(0), *ex[k])["params"] for k, m in self._modules().items()}
 
     def init_params(self, seed: int = 0) -> Params:
-        """Random weights, drawn on the host from the abstract tree.
-
-        Not ``model.init``: that traces and compiles the forward pass of every model (tens of
-        seconds on a CPU even for ``tiny``). Kernels are LeCun-normal, embeddings N(0, 0.02²),
-        norms identity, biases zero: a sane untrained network, not a reproduction of Flax's init.
-        """
-        rng = np.random.default_rng(seed)
-
-        def draw(path, leaf):
-            name, shape = path[-1].key, leaf.shape
-            if name == "kernel":
-                x = rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:-1]))
-            elif name == "embedding":
-                x = 0.02 * rng.standard_normal(shape, np.float32)
-            elif name == "scale":
-                x = np.ones(shape, np.float32)
-            else:
-                x = np.zeros(shape, np.float32)
-            return jnp.asarray(x, leaf.dtype)
-
-        return jax.tree_util.tree_map_with_path(draw, self.abstract_params())
+        """Random weights drawn on the host from the abstract tree (``io.random_init``: no compile)."""
+        return random_params(self.abstract_params(), seed)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, params: Params, out_dir: str | Path, *, dtype: str = "float32") -> Path:

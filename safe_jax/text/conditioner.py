@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safe_jax.text import conditioning as cond
 from safe_jax.errors import SafeJaxError
+from safe_jax.text import conditioning as cond
 
 DEFAULT_WEIGHT = cond.DEFAULT_WEIGHT  # 1.1², Compel's "++": the paper's weight
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safe_jax.text import prompt_syntax
 from safe_jax.errors import SafeJaxError
+from safe_jax.text import prompt_syntax
 
 DEFAULT_WEIGHT = 1.1**2  # Compel's "++"; the paper's choice among 1.1, 1.21, 1.331, 1.4641
 PREFIX_TEMPLATE = "A photo of {subjects}. {caption}"  # the authors' prefix (their code)

@@ -102,10 +102,10 @@ def _remat_policy(v: Any) -> str | None:
 
 def _spec() -> dict[str, Check]:
     """Every field of ``launch/configs/base.py`` and its check."""
-    from safe_jax.train import rewards
-    from safe_jax.text.conditioning import FORMATS, METHODS
     from safe_jax.data.transforms import CROPS
     from safe_jax.sampling.schedulers import SAMPLERS
+    from safe_jax.text.conditioning import FORMATS, METHODS
+    from safe_jax.train import rewards
 
     return {
         "model": _string(nonempty=True),

@@ -25,17 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safe_jax.train import lora, rewards, step as train_step
-
-from safe_jax.sampling import schedulers
-
 from safe_jax import sharding
-from safe_jax.train.checkpoints import Checkpointer
 from safe_jax.data import GlobalBatches, InputConfig, data_source, make_iterator
 from safe_jax.errors import SafeJaxError
-from safe_jax.train.metrics import MetricWriter, compiled_flops, device_peak_flops, finite_means, mfu
+from safe_jax.sampling import schedulers
 from safe_jax.sampling.stable_diffusion import StableDiffusion
+from safe_jax.train import lora, rewards
+from safe_jax.train import step as train_step
+from safe_jax.train.checkpoints import Checkpointer
 from safe_jax.train.config_check import validate_config
+from safe_jax.train.metrics import MetricWriter, compiled_flops, device_peak_flops, finite_means, mfu
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +116,14 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
 
     # The input pipeline: every process reads its own part of each global batch.
     batch_size = _per_host_batch(config, mesh)
-    input_cfg = InputConfig(**{**config.data, "batch_size": batch_size}, seed=config.seed,
+    length = pipe.conditioner.max_length  # the text encoder's, not a constant
+    input_cfg = InputConfig(**{**config.data, "batch_size": batch_size}, seed=config.seed, max_length=length,
                             subject_weight=step_cfg.subjects.weight, subject_format=step_cfg.subjects.format)
     data = resources.add("data", GlobalBatches(make_iterator(input_cfg, pipe.tokenizer, source=source), mesh))
 
     global_batch = batch_size * jax.process_count()
-    example = {"input_ids": jax.ShapeDtypeStruct((global_batch, 77), jnp.int32),
-               "token_weights": jax.ShapeDtypeStruct((global_batch, 77), jnp.float32),
+    example = {"input_ids": jax.ShapeDtypeStruct((global_batch, length), jnp.int32),
+               "token_weights": jax.ShapeDtypeStruct((global_batch, length), jnp.float32),
                "images": jax.ShapeDtypeStruct((global_batch, config.data.resolution, config.data.resolution, 3),
                                               jnp.float32)}
     t0 = time.perf_counter()

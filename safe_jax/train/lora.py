@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from safe_jax.io.convert import torch_key
 from safe_jax.errors import SafeJaxError
+from safe_jax.io.convert import torch_key
 from safe_jax.sharding import host_copy
 
 # Attention q/k/v/out projections of every transformer block (self- and cross-attention): the

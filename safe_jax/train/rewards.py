@@ -46,12 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from safe_jax.errors import SafeJaxError
+from safe_jax.io.clip_folder import init_params as clip_init_params
 from safe_jax.io.clip_folder import load_clip
 from safe_jax.models.clip_vision import (
     CLIPConfig,
     CLIPModel,
-    init_params as clip_init_params,
     l2_normalise,
+)
+from safe_jax.models.clip_vision import (
     preset as clip_preset,
 )
 

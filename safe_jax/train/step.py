@@ -16,13 +16,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from safe_jax.train import lora, losses
-
 from safe_jax import sharding
-from safe_jax.text.conditioner import SubjectSettings, TextConditioner
 from safe_jax.errors import SafeJaxError
 from safe_jax.models.vae import AutoencoderKL, sample_posterior
 from safe_jax.sampling.schedulers import ScheduleConfig
+from safe_jax.text.conditioner import SubjectSettings, TextConditioner
+from safe_jax.train import lora, losses
 
 
 @flax.struct.dataclass

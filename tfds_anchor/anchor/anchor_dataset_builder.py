@@ -18,8 +18,13 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from tfds_anchor.anchor import images, manual, synthetic
-from tfds_anchor.anchor.build_report import (FAILED_REPORT_TEMPLATE, REPORT_FILENAME, BuildReport,
-                                             NoRecordKept, read_report)
+from tfds_anchor.anchor.build_report import (
+    FAILED_REPORT_TEMPLATE,
+    REPORT_FILENAME,
+    BuildReport,
+    NoRecordKept,
+    read_report,
+)
 from tfds_anchor.anchor.sources import SOURCES, normalise_source
 
 log = logging.getLogger("tfds_anchor")

@@ -190,3 +190,28 @@ def test_bad_settings_and_missing_data_are_clear_errors(data_dir, tokenizer, tmp
         make_iterator(config(data_dir), tokenizer, shard=(2, 2))
     with pytest.raises(SafeJaxError, match="anchor/default"):  # not built, and no manual directory
         data_source("anchor/default", "train", str(tmp_path))
+
+
+def test_ctrl_c_does_not_kill_the_decode_workers(data_dir, tokenizer):
+    """Ctrl-C in a terminal reaches the whole process group; the trainer saves and stops the
+    workers itself, so they must outlive the signal and keep serving batches until then."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    it = make_iterator(config(data_dir, worker_count=2), tokenizer, shard=(0, 1))
+    try:
+        next(it)
+        workers = multiprocessing.active_children()
+        assert len(workers) >= 2
+        for w in workers:
+            os.kill(w.pid, signal.SIGINT)
+        time.sleep(2)
+        assert all(w.is_alive() for w in workers)
+        for _ in range(4):
+            next(it)
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()

@@ -97,8 +97,17 @@ def make_dataset(config: InputConfig, tokenizer: Any, *, source: Any = None,
     if config.worker_count > 0:
         _absl_flags_ready()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
-                                                         per_worker_buffer_size=config.worker_buffer_size))
+                                                         per_worker_buffer_size=config.worker_buffer_size),
+                            worker_init_fn=_ignore_ctrl_c)
     return it
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+    """Ctrl-C in a terminal reaches the whole process group: the workers leave it to the trainer,
+    which saves (with their iterator position) and then stops them in order."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _absl_flags_ready() -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from launch.console import log_to_console
-from launch.errors import ArgumentParser, int_at_least, one_line_errors, output_dir
+from launch.cli_errors import ArgumentParser, int_at_least, one_line_errors, output_dir
 
 
 def main(argv: list[str] | None = None, prog: str = "safe-jax demo") -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from launch.errors import ArgumentParser, int_at_least, one_line_errors, output_dir
+from launch.cli_errors import ArgumentParser, int_at_least, one_line_errors, output_dir
 
 
 def main(argv: list[str] | None = None, prog: str = "safe-jax export") -> int:

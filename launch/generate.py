@@ -8,7 +8,7 @@ import re
 import sys
 import time
 
-from launch.errors import ArgumentParser, float_in, int_at_least, multiple_of, one_line_errors, output_dir
+from launch.cli_errors import ArgumentParser, float_in, int_at_least, multiple_of, one_line_errors, output_dir
 
 MAX_SEED = 2 ** 32 - 1
 

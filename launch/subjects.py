@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from launch.errors import ArgumentParser, float_in, int_at_least, one_line_errors, output_file
+from launch.cli_errors import ArgumentParser, float_in, int_at_least, one_line_errors, output_file
 
 DEMO_CAPTIONS = [
     "London's mayor Boris Johnson gives a big thumbs up to photographers during the unveiling of the "

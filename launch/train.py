@@ -29,7 +29,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from launch.console import log_to_console
-from launch.errors import one_line_errors
+from launch.cli_errors import one_line_errors
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (launch/configs/*.py)", flag_values=FLAGS,

@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # torchvision), used only as a data file for the `tiny` preset's tokenizer.
 VOCAB_SPEC ?= open-clip-torch==3.3.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean reference-fixtures
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,27 @@ bench: install
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/subjects_throughput.py
 	$(PY) benchmarks/train_step_vs_torch.py
+
+# The reference environment (.refenv): the metrics' own PyTorch code (open_clip, ImageReward,
+# clean-fid, torchmetrics), which needs torchvision and so cannot live in .venv. Only
+# `make reference-fixtures` uses it, to rewrite tests/fixtures/reference/; tests never do.
+# CMMD's reference is google-research/cmmd, which is not on PyPI: CMMD_SRC names a checkout of it.
+REFENV ?= .refenv
+REF_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CMMD_SRC ?=
+
+$(REFENV)/.installed: tests/reference/requirements.txt tests/reference/requirements-nodeps.txt
+	$(PYTHON) -m venv $(REFENV)
+	$(REFENV)/bin/python -m pip install -q --upgrade pip
+	$(REFENV)/bin/python -m pip install -q $(REF_TORCH_SPEC)
+	$(REFENV)/bin/python -m pip install -q -r tests/reference/requirements.txt
+	$(REFENV)/bin/python -m pip install -q --no-deps -r tests/reference/requirements-nodeps.txt
+	touch $@
+
+reference-fixtures: $(REFENV)/.installed
+	for script in tests/reference/fixtures_*.py; do \
+	  $(REFENV)/bin/python $$script $(if $(CMMD_SRC),--cmmd-src $(CMMD_SRC)) || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) out

@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "demo": "SAFE end to end on anchor/sample: subjects, fine-tune tiny, export, grids, report.",
     "generate": "Generate images from prompts with a local checkpoint or preset.",
+    "eval": "Draw images for prompts with one or more models and score them (FID_CLIP, CLIPScore, HPS, ...).",
     "export": "Write a model as a diffusers folder (safetensors, fp32 or fp16).",
     "subjects": "Find the key visual subjects of news captions (LLM or offline) as JSONL.",
     "train": "SAFE domain fine-tuning (denoising + ReFL) from a config; resumes, checkpoints, exports.",

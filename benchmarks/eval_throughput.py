@@ -163,10 +163,11 @@ def _ours_imagereward(args) -> float:
     import jax
     import numpy as np
 
+    from safe_jax.io.image_reward import init_params
     from safe_jax.models import blip
 
-    model = blip.ImageRewardModel(blip.ImageRewardConfig())
-    params = blip.init_params(model, 0)
+    model = blip.ImageRewardModel(blip.preset("large"))
+    params = init_params(model, 0)
     rng = np.random.default_rng(0)
     pixels = rng.standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
     ids = rng.integers(1000, 30000, (args.batch, 35)).astype(np.int32)

@@ -1,7 +1,7 @@
 """The evaluation's metrics: each loads a local checkpoint and scores uint8 images with our Flax models.
 
 Per-image metrics (``score`` → one dict of fields per image):
-    clipscore       100 · max(cos(image, caption), 0), as torchmetrics reports it   (--clip)
+    clipscore       100 · cos(image, caption) per image, as torchmetrics computes it (--clip)
     pickscore       exp(logit_scale) · cos, PickScore_v1                            (--pickscore)
     hps             cos of HPS v2 / v2.1 (open_clip ViT-H-14) features              (--hps)
     imagereward     ImageReward's normalised BLIP reward                            (--imagereward)
@@ -104,6 +104,13 @@ def _padded(batch: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
 
 
+def _load_features(cls, folder: Path, batch_size: int, flag: str):
+    try:
+        return cls.from_folder(folder, batch_size)
+    except SafeJaxError as e:
+        raise SafeJaxError(f"{flag} {folder}: {e}") from None
+
+
 class Metric:
     name: str = ""
     batch_size: int = 16
@@ -137,80 +144,64 @@ class SetMetric(Metric):
         raise NotImplementedError
 
 
-class CLIPEmbedder:
-    """A transformers CLIPModel folder in our Flax CLIP: jitted, fixed-batch image and text embeddings."""
+class _CLIPMetric(Metric):
+    """A metric computed with a transformers CLIPModel folder (``clip_scores.CLIPFeatures``)."""
 
-    def __init__(self, folder: Path, batch_size: int):
-        from safe_jax.io.clip_folder import load_clip
+    def prepare(self, prompts):
+        from safe_jax.eval.clip_scores import CLIPFeatures
         from safe_jax.train.rewards import clip_tokenizer
 
         try:
-            self.model, self.params = load_clip(folder)
-            self.tokenizer = clip_tokenizer(folder)
+            self.clip = CLIPFeatures.from_folder(self.checkpoint, self.batch_size)
+            self.tokenizer = clip_tokenizer(self.checkpoint)
         except SafeJaxError as e:
-            raise SafeJaxError(f"CLIP folder {folder}: {e}") from None
-        self.batch_size = batch_size
-        self.image_size = self.model.config.vision.image_size
-        self.logit_scale = float(np.exp(np.asarray(self.params["logit_scale"], np.float32)))
-        self._image = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method="get_image_features"))
-        self._text = jax.jit(lambda p, ids: self.model.apply({"params": p}, ids, method="get_text_features"))
+            raise SafeJaxError(f"{_flag(METRICS[self.name])} {self.checkpoint}: {e}") from None
         self._texts: dict[str, np.ndarray] = {}
 
-    def image_features(self, pixels: np.ndarray) -> np.ndarray:
-        """Projected, un-normalised features of preprocessed [N, S, S, 3] float32 pixels."""
-        out = []
-        for start in range(0, len(pixels), self.batch_size):
-            chunk = pixels[start:start + self.batch_size]
-            out.append(np.asarray(self._image(self.params, _padded(chunk, self.batch_size)))[:len(chunk)])
-        return np.concatenate(out).astype(np.float32)
+    def release(self):
+        self.clip = self.tokenizer = None
 
-    def text_features(self, texts: Sequence[str]) -> np.ndarray:
-        """Projected, un-normalised text features, cached per text (distractors repeat)."""
+    def text_embeds(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised text embeddings, computed once per distinct text (subject prompts repeat)."""
         from safe_jax.text.tokenizer import tokenize
 
         new = [t for t in dict.fromkeys(texts) if t not in self._texts]
-        for start in range(0, len(new), self.batch_size):
-            chunk = new[start:start + self.batch_size]
-            ids = np.asarray(tokenize(self.tokenizer, chunk, self.model.config.text.max_position_embeddings))
-            feats = np.asarray(self._text(self.params, _padded(ids, self.batch_size)))[:len(chunk)]
-            self._texts.update(zip(chunk, feats.astype(np.float32)))
+        if new:
+            ids = tokenize(self.tokenizer, new, self.clip.model.config.text.max_position_embeddings)
+            self._texts.update(zip(new, self.clip.text_embeds(ids)))
         return np.stack([self._texts[t] for t in texts])
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """CLIP's processor / clean-fid: shorter side to the model's size (PIL bicubic), centre crop."""
-        return pre.normalise(np.stack([pre.resize_shorter_crop(im, self.image_size) for im in images]))
+    def processor_embeds(self, images) -> np.ndarray:
+        from safe_jax.eval.clip_scores import clip_processor_pixels
 
-
-def _normalised(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-class _CLIPMetric(Metric):
-    def prepare(self, prompts):
-        self.clip = CLIPEmbedder(self.checkpoint, self.batch_size)
-
-    def release(self):
-        self.clip = None
-
-    def cosines(self, images, prompts) -> np.ndarray:
-        image = _normalised(self.clip.image_features(self.clip.preprocess(images)))
-        text = _normalised(self.clip.text_features([p.caption for p in prompts]))
-        return np.sum(image * text, axis=-1)
+        size = self.clip.image_size
+        return self.clip.image_embeds(np.stack([clip_processor_pixels(im, size) for im in images]))
 
 
 class CLIPScore(_CLIPMetric):
+    """torchmetrics' CLIPScore: per image 100 · cos (its per-sample score; the metric's value is the
+    mean, clamped at 0); pixels and token ids exactly as torchmetrics feeds the CLIP processor."""
+
     name = "clipscore"
 
     def score(self, images, prompts):
-        return [{"clipscore": float(100.0 * max(c, 0.0))} for c in self.cosines(images, prompts)]
+        from safe_jax.eval.clip_scores import clipscore_per_image, torchmetrics_input_ids
+
+        ids = torchmetrics_input_ids(self.tokenizer, [p.caption for p in prompts],
+                                     self.clip.model.config.text.max_position_embeddings)
+        values = clipscore_per_image(self.processor_embeds(images), self.clip.text_embeds(ids))
+        return [{"clipscore": float(v)} for v in np.asarray(values)]
 
 
 class PickScore(_CLIPMetric):
     name = "pickscore"
 
     def score(self, images, prompts):
-        return [{"pickscore": float(self.clip.logit_scale * c)} for c in self.cosines(images, prompts)]
+        from safe_jax.eval.clip_scores import cosine
+
+        cos = np.asarray(cosine(self.processor_embeds(images), self.text_embeds([p.caption for p in prompts])))
+        scale = float(np.exp(np.float32(self.clip.logit_scale)))
+        return [{"pickscore": float(scale * c)} for c in cos]
 
 
 class SubjectRecall(_CLIPMetric):
@@ -222,13 +213,13 @@ class SubjectRecall(_CLIPMetric):
         self.identity += f":distractors={distractors}"
 
     def prepare(self, prompts):
+        import hashlib
+
         from safe_jax.eval.subject_recall import candidate_sets
 
         super().prepare(prompts)
         self.sets = candidate_sets(prompts, self.distractors)
-        # The candidate sets depend on every prompt's subjects: another prompt set, other scores.
-        import hashlib
-
+        # The candidates depend on every prompt's subjects: another prompt set, other scores.
         digest = hashlib.sha1(repr(sorted((k, [c.texts for c in v]) for k, v in self.sets.items())).encode())
         self.identity = self.identity.split("|sets=")[0] + f"|sets={digest.hexdigest()[:16]}"
 
@@ -238,8 +229,8 @@ class SubjectRecall(_CLIPMetric):
     def score(self, images, prompts):
         from safe_jax.eval.subject_recall import TEMPLATE, recall_scores
 
-        image = _normalised(self.clip.image_features(self.clip.preprocess(images)))
-        texts = lambda subjects: _normalised(self.clip.text_features([TEMPLATE.format(s) for s in subjects]))  # noqa: E731
+        image = self.processor_embeds(images)
+        texts = lambda subjects: self.text_embeds([TEMPLATE.format(s) for s in subjects])  # noqa: E731
         return [recall_scores(e, self.sets.get(p.id, []), texts) for e, p in zip(image, prompts)]
 
 
@@ -249,13 +240,17 @@ class FIDCLIP(SetMetric):
     name = "fid_clip"
 
     def prepare(self, prompts):
-        self.clip = CLIPEmbedder(self.checkpoint, self.batch_size)
+        from safe_jax.eval.clip_scores import CLIPFeatures
+
+        self.clip = _load_features(CLIPFeatures, self.checkpoint, self.batch_size, "--fid-clip")
 
     def release(self):
         self.clip = None
 
     def features(self, images):
-        return self.clip.image_features(self.clip.preprocess(images))
+        from safe_jax.eval.clip_scores import fid_clip_pixels
+
+        return self.clip.image_features(np.stack([fid_clip_pixels(im, self.clip.image_size) for im in images]))
 
     def reference(self, real_features):
         from safe_jax.eval.frechet import FeatureStats
@@ -274,7 +269,9 @@ class CMMD(SetMetric):
     name = "cmmd"
 
     def prepare(self, prompts):
-        self.clip = CLIPEmbedder(self.checkpoint, self.batch_size)
+        from safe_jax.eval.clip_scores import CLIPFeatures
+
+        self.clip = _load_features(CLIPFeatures, self.checkpoint, self.batch_size, "--cmmd-clip")
 
     def release(self):
         self.clip = None
@@ -282,7 +279,7 @@ class CMMD(SetMetric):
     def features(self, images):
         from safe_jax.eval import cmmd
 
-        return _normalised(self.clip.image_features(cmmd.preprocess(images, self.clip.image_size)))
+        return self.clip.image_embeds(cmmd.preprocess(list(images), self.clip.image_size))
 
     def distance(self, features, reference):
         from safe_jax.eval import cmmd
@@ -318,8 +315,10 @@ class ImageReward(Metric):
     def prepare(self, prompts):
         from safe_jax.io.image_reward import load_image_reward
 
-        self.model, self.params, self.tokenizer = load_image_reward(self.checkpoint)
-        self._score = jax.jit(lambda p, x, ids, mask: self.model.apply({"params": p}, x, ids, mask))
+        try:
+            self.model, self.params, self.tokenizer = load_image_reward(self.checkpoint)
+        except SafeJaxError as e:
+            raise SafeJaxError(f"--imagereward {self.checkpoint}: {e}") from None
 
     def release(self):
         self.model = self.params = self.tokenizer = None
@@ -327,12 +326,11 @@ class ImageReward(Metric):
     def score(self, images, prompts):
         from safe_jax.io import image_reward
 
-        pixels = image_reward.preprocess_images(list(images))
-        ids, mask = image_reward.tokenize(self.tokenizer, [p.caption for p in prompts])
-        n = len(images)
-        out = self._score(self.params, _padded(pixels, self.batch_size), _padded(np.asarray(ids), self.batch_size),
-                          _padded(np.asarray(mask), self.batch_size))
-        return [{"imagereward": float(v)} for v in np.asarray(out)[:n]]
+        n, pad = len(images), self.batch_size - len(images)
+        captions = [p.caption for p in prompts]
+        values = image_reward.score(self.model, self.params, self.tokenizer, list(images) + [images[-1]] * pad,
+                                    captions + [captions[-1]] * pad)
+        return [{"imagereward": float(v)} for v in values[:n]]
 
 
 _CLASSES = {"fid_clip": FIDCLIP, "clipscore": CLIPScore, "pickscore": PickScore, "hps": HPS,

@@ -62,7 +62,9 @@ def resize_longest_pad(image: np.ndarray | Image.Image, size: int, fill: float =
     *and the padding* when the longest side already equals ``size``, handing the model a
     non-square tensor it cannot take; here such images are padded like all others.
     """
-    from safe_jax.train.rewards import resize_matrix  # the same filter as the JAX reward path
+    # The JAX reward path's filter; imported here, not at the top, so the reward registry can
+    # import the metrics without a cycle.
+    from safe_jax.train.rewards import resize_matrix
 
     pixels = np.asarray(as_pil(image), dtype=np.float32) / np.float32(255.0)  # ToTensor
     h, w = pixels.shape[:2]
@@ -86,3 +88,31 @@ def normalise(pixels: np.ndarray, mean: Sequence[float] = CLIP_MEAN, std: Sequen
     x = np.asarray(pixels)
     x = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def resize_shorter_crop_floor(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
+    """transformers' ``CLIPImageProcessor`` resize + crop (torchmetrics' CLIPScore, PickScore).
+
+    The resize is ``resize_shorter_crop``'s (PIL bicubic, the long side truncated), but the
+    processor floors the crop offset where torchvision rounds half to even: when the long side
+    exceeds ``size`` by 3 mod 4 the two crops sit one pixel apart.
+    """
+    pil = as_pil(image)
+    w, h = pil.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    pil = pil.resize((new_w, new_h), Image.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def crop_square_resize(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
+    """CMMD's ``io_util``: the centred square of the shorter side (offsets floored), then PIL
+    bicubic to ``size``² — a crop before the resize, unlike CLIP's resize-then-crop."""
+    pil = as_pil(image)
+    w, h = pil.size
+    side = min(w, h)
+    top, left = (h - side) // 2, (w - side) // 2
+    pil = pil.crop((left, top, left + side, top + side))
+    return np.asarray(pil.resize((size, size), Image.BICUBIC), dtype=np.uint8)

@@ -46,6 +46,8 @@ def _choices_list(known: tuple[str, ...]):
 def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     from safe_jax.eval.generation import SUBJECT_MODES
     from safe_jax.eval.metrics import METRICS
+    from safe_jax.io.open_clip import OPEN_CLIP_ARCHS
+    from safe_jax.models.blip import VISION_PRESETS
 
     p = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH_OR_PRESET",
@@ -63,6 +65,10 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     m.add_argument("--hps", type=Path, help="HPS_v2_compressed.pt or HPS_v2.1_compressed.pt (open_clip ViT-H-14)")
     m.add_argument("--imagereward", type=Path, help="ImageReward.pt (with med_config.json and a BERT tokenizer folder beside it)")
     m.add_argument("--cmmd-clip", type=Path, help="CLIP ViT-L/14@336 CLIPModel folder: cmmd")
+    m.add_argument("--hps-arch", default="ViT-H-14", choices=sorted(OPEN_CLIP_ARCHS),
+                   help="the OpenCLIP architecture of --hps (HPS v2 and v2.1: ViT-H-14)")
+    m.add_argument("--imagereward-vision", default="large", choices=sorted(VISION_PRESETS),
+                   help="the BLIP vision tower of --imagereward (ImageReward: large, ViT-L/16)")
     g = p.add_argument_group("generation")
     g.add_argument("--seeds", type=_seeds, default=[42, 371], help="comma-separated; image <id>_<seed> uses that seed")
     g.add_argument("--steps", type=int_at_least(1), default=100)
@@ -152,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         subject_weight=DEFAULT_WEIGHT if args.subject_weight is None else args.subject_weight,
         dtype=args.dtype or "default")
     metrics = [metric_lib.make_metric(name, checkpoints, batch_size=args.metric_batch_size,
-                                      distractors=args.distractors) for name in names]
+                                      distractors=args.distractors, hps_arch=args.hps_arch,
+                                      imagereward_vision=args.imagereward_vision) for name in names]
     evaluation = Evaluation(out=args.out, rows=args.rows, prompts=prompts, seeds=args.seeds, settings=settings,
                             metrics=metrics, batch_size=args.batch_size, init_seed=args.init_seed,
                             load_pipeline=lambda model: _load(model, args), progress=tqdm,

@@ -227,3 +227,54 @@ def test_subject_recall_ranks_against_other_captions_subjects():
     assert values["subject_recall@1"] == 0.5 and values["subject_mrr"] == pytest.approx((1 + 1 / 4) / 2)
     assert values["subject_recall@1.person"] == 1.0 and values["subject_recall@1.place"] == 0.0
     assert recall_scores(image, [], embed) == {}
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reference"
+
+
+@pytest.mark.slow
+def test_eval_every_metric_on_two_model_folders(tmp_path, prompts_file, monkeypatch, capsys):
+    """Two diffusers folders (a base and another set of weights), all seven metrics with the small
+    checkpoints the reference environment wrote (tests/reference): every output of the contract."""
+    import torch
+
+    from safe_jax.io import open_clip as oc
+    from safe_jax.sampling.stable_diffusion import StableDiffusion
+
+    state = torch.load(FIXTURES / "open_clip" / "hps_tiny.pt", map_location="cpu", weights_only=True)["state_dict"]
+    vision_width, text_width = state["visual.conv1.weight"].shape[0], state["token_embedding.weight"].shape[1]
+    monkeypatch.setitem(oc.OPEN_CLIP_ARCHS, "toy", oc.OpenCLIPArch(vision_width, vision_width // 4, text_width, 3))
+    for name, seed in (("base", 0), ("tuned", 1)):
+        pipe, params = StableDiffusion.from_pretrained("tiny", seed=seed)
+        pipe.save_pretrained(params, tmp_path / name)
+    clip = FIXTURES / "metrics" / "clip_tiny"
+    out = tmp_path / "eval"
+    argv = ["--model", str(tmp_path / "base"), "--model", str(tmp_path / "tuned"), "--prompts", str(prompts_file),
+            "--limit", "2", "--seeds", "42,371", "--steps", "2", "--batch-size", "2", "--subjects", "stored",
+            "--clip", str(clip), "--fid-clip", str(clip), "--pickscore", str(clip), "--cmmd-clip", str(clip),
+            "--hps", str(FIXTURES / "open_clip" / "hps_tiny.pt"), "--hps-arch", "toy",
+            "--imagereward", str(FIXTURES / "imagereward" / "ImageReward.pt"), "--imagereward-vision", "tiny",
+            "--out", str(out)]
+    assert eval_cli.main(argv) == 0, capsys.readouterr().err
+    per_image = ("clipscore", "pickscore", "hps", "imagereward", "subject_recall@1", "subject_mrr")
+    lines = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * 2 * 2
+    for record in lines:
+        assert record["model"] in ("base", "tuned") and record["seed"] in (42, 371)
+        assert (out / record["image"]).name == f"{record['id']}_{record['seed']}.png"
+        for key in per_image:
+            assert np.isfinite(record[key]), (key, record)
+    results = json.loads((out / "results.json").read_text())
+    for row in ("base", "tuned"):
+        for key in per_image:
+            assert results["results"][row][key]["n"] == 4
+        for key in ("fid_clip", "cmmd"):
+            entry = results["results"][row][key]
+            assert entry["n"] == 4 and np.isfinite(entry["value"]) and set(entry["per_seed"]) == {"42", "371"}
+    # Different weights draw different pictures, so their scores differ.
+    assert results["results"]["base"]["hps"]["mean"] != results["results"]["tuned"]["hps"]["mean"]
+    assert set(results["settings"]["metrics"]) == {"fid_clip", "clipscore", "pickscore", "hps", "imagereward",
+                                                   "cmmd", "subject_recall"}
+    report = (out / "report.md").read_text()
+    for key in ("fid_clip ↓", "cmmd ↓", "imagereward ↑", "hps ↑"):
+        assert key in report

@@ -40,10 +40,11 @@ SOT, EOT = 49406, 49407
 CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # hpsv2's file names
 
 
-def load_hps(path: str | Path, **kwargs: Any) -> tuple[CLIPModel, dict[str, Any]]:
-    """(module, params) of an HPS v2 or v2.1 checkpoint (both are OpenCLIP ViT-H-14); ``kwargs``
-    go to ``safe_jax.io.open_clip.load_open_clip`` (dtype, attention_impl, remat_policy, ...)."""
-    return load_open_clip(path, "ViT-H-14", **kwargs)
+def load_hps(path: str | Path, model_name: str = "ViT-H-14", **kwargs: Any) -> tuple[CLIPModel, dict[str, Any]]:
+    """(module, params) of an HPS v2 or v2.1 checkpoint (both are OpenCLIP ViT-H-14; ``model_name``
+    names another OpenCLIP architecture); ``kwargs`` go to ``safe_jax.io.open_clip.load_open_clip``
+    (dtype, attention_impl, remat_policy, ...)."""
+    return load_open_clip(path, model_name, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

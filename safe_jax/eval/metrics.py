@@ -290,10 +290,21 @@ class CMMD(SetMetric):
 class HPS(Metric):
     name = "hps"
 
+    def __init__(self, checkpoint, batch_size=16, arch: str = "ViT-H-14"):
+        super().__init__(checkpoint, batch_size)
+        self.arch = arch
+        self.identity += f":arch={arch}"
+
+    def describe(self):
+        return {**super().describe(), "arch": self.arch}
+
     def prepare(self, prompts):
         from safe_jax.eval import hps
 
-        self.model, self.params = hps.load_hps(self.checkpoint)
+        try:
+            self.model, self.params = hps.load_hps(self.checkpoint, self.arch)
+        except SafeJaxError as e:
+            raise SafeJaxError(f"--hps {self.checkpoint}: {e}") from None
         self._score = jax.jit(lambda p, x, ids: hps.hps_score(self.model, p, x, ids))
 
     def release(self):
@@ -302,7 +313,7 @@ class HPS(Metric):
     def score(self, images, prompts):
         from safe_jax.eval import hps
 
-        pixels = hps.preprocess(list(images))
+        pixels = hps.preprocess(list(images), self.model.config.vision.image_size)
         ids = np.asarray(hps.tokenize([p.caption for p in prompts]))
         n = len(images)
         out = self._score(self.params, _padded(pixels, self.batch_size), _padded(ids, self.batch_size))
@@ -312,11 +323,19 @@ class HPS(Metric):
 class ImageReward(Metric):
     name = "imagereward"
 
+    def __init__(self, checkpoint, batch_size=16, vision: str = "large"):
+        super().__init__(checkpoint, batch_size)
+        self.vision = vision
+        self.identity += f":vision={vision}"
+
+    def describe(self):
+        return {**super().describe(), "vision": self.vision}
+
     def prepare(self, prompts):
         from safe_jax.io.image_reward import load_image_reward
 
         try:
-            self.model, self.params, self.tokenizer = load_image_reward(self.checkpoint)
+            self.model, self.params, self.tokenizer = load_image_reward(self.checkpoint, vision=self.vision)
         except SafeJaxError as e:
             raise SafeJaxError(f"--imagereward {self.checkpoint}: {e}") from None
 
@@ -338,10 +357,9 @@ _CLASSES = {"fid_clip": FIDCLIP, "clipscore": CLIPScore, "pickscore": PickScore,
 
 
 def make_metric(name: str, checkpoints: Mapping[str, Path | None], *, batch_size: int = 16,
-                distractors: int = 9) -> Metric:
+                distractors: int = 9, hps_arch: str = "ViT-H-14", imagereward_vision: str = "large") -> Metric:
     cls = _CLASSES[name]
     path = checkpoints[METRICS[name]]
-    if cls is SubjectRecall:
-        return cls(path, batch_size, distractors)
-    return cls(path, batch_size)
+    extra = {SubjectRecall: (distractors,), HPS: (hps_arch,), ImageReward: (imagereward_vision,)}.get(cls, ())
+    return cls(path, batch_size, *extra)
 

@@ -1,8 +1,15 @@
 """ANCHOR: news image–caption pairs with their key subjects (SAFE's training and test data).
 
-The images come from licensed news datasets, so the builder reads a manual directory whose layout
-we define (README.md, MANUAL_DOWNLOAD_INSTRUCTIONS). ``sample`` needs none: it draws a few hundred
-news-like pairs itself, so demos and tests run offline.
+The images come from licensed news datasets, so the builder reads a manual directory in any of the
+layouts people hold (ours, the authors' split folders, Hugging Face imagefolder, parquet with
+embedded images, img2dataset's webdataset shards; README.md, MANUAL_DOWNLOAD_INSTRUCTIONS).
+``sample`` needs none: it draws a few hundred news-like pairs itself, so demos and tests run offline.
+
+A build reads its layout twice, as a stream. The first pass counts what is unusable, finds
+duplicate ids and makes sure every split it will announce has at least one image that decodes
+(TFDS cannot write a split that ends up empty); the second, one split at a time, decodes and
+stores. Neither pass keeps records or images beyond a small batch, so memory stays flat in the
+number of records; what the first pass learns is only the few records to leave out.
 
 Building and reading through ``tfds.data_source`` need no TensorFlow: images are decoded and encoded
 with PIL here and records are written as ArrayRecord.
@@ -11,6 +18,7 @@ with PIL here and records are written as ArrayRecord.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from typing import Any, Iterator
 
@@ -18,6 +26,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from tfds_anchor.anchor import images, manual, synthetic
+from tfds_anchor.anchor.layouts import detect, settings
+from tfds_anchor.anchor.records import SPLITS, Record
+from tfds_anchor.anchor.safe_files import ManualDir, Unreadable
 from tfds_anchor.anchor.build_report import (
     FAILED_REPORT_TEMPLATE,
     REPORT_FILENAME,
@@ -41,6 +52,10 @@ class AnchorConfig(tfds.core.BuilderConfig):
     SD 1.x's training size; raise it for 768² training). ``min_side`` is the smallest shorter side
     kept. Subjects are data, not computed here: a record's own ``subjects``, else its line in the
     manual directory's ``subjects.jsonl`` (found before the build), else an empty list.
+
+    ``layout`` (anchor, folders, imagefolder, parquet, webdataset), ``caption_column``,
+    ``image_column`` and ``max_file_mb`` (the largest file or embedded image read, in MiB) override
+    the manual directory's ``anchor.toml``; where neither names a layout it is detected.
     """
 
     subset: str = "non_entity"
@@ -50,12 +65,18 @@ class AnchorConfig(tfds.core.BuilderConfig):
     synthetic_examples: int = 300
     synthetic_size: tuple[int, int] = (192, 128)
     synthetic_seed: int = 0
+    layout: str | None = None
+    caption_column: str | None = None
+    image_column: str | None = None
+    max_file_mb: float | None = None
 
     def __post_init__(self):
         if self.subset not in SUBSETS:
             raise ValueError(f"subset must be one of {SUBSETS}, got {self.subset!r}")
         if not 0 < self.min_side <= self.max_side:
             raise ValueError(f"need 0 < min_side <= max_side, got {self.min_side} and {self.max_side}")
+        settings.check_options(f"AnchorConfig {self.name!r}", layout=self.layout, caption_column=self.caption_column,
+                               image_column=self.image_column, max_file_mb=self.max_file_mb)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -78,25 +99,32 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     (VisualNews: The Guardian, BBC, USA Today, The Washington Post; GoodNews / NYTimes800k:
     The New York Times), which you obtain from their owners under their terms.
 
-    Put in the manual directory (`--manual_dir`, default ~/tensorflow_datasets/downloads/manual/):
+    The manual directory (`--manual_dir`, default ~/tensorflow_datasets/downloads/manual/) may hold
+    any of these layouts; the builder finds which (or name it: `layout = "..."` in anchor.toml):
 
-      anchor.jsonl   one JSON object a line:
-                       {"id": "...", "caption": "...", "source": "The Guardian",
-                        "image": "images/000123.jpg",            # relative to the manual directory
-                        "subjects": ["Boris Johnson", "Tower Bridge"],  # optional
-                        "entity": "Boris Johnson",               # optional: marks ANCHOR Entity records
-                        "split": "train"}                        # optional: train / validation / test
-                     (or anchor.csv with the same columns; `subjects` as a JSON list or `;`-separated)
-      images/...     the image files (any format PIL reads)
+      anchor       anchor.jsonl (or anchor.csv), one record a line:
+                     {"id": "...", "caption": "...", "source": "The Guardian",
+                      "image": "images/000123.jpg",            # relative to the manual directory
+                      "subjects": ["Boris Johnson", "Tower Bridge"],  # optional
+                      "entity": "Boris Johnson",               # optional: marks ANCHOR Entity records
+                      "split": "train"}                        # optional: train / validation / test
+      folders      train/, val/ (or validation/), test/ of <id>.jpg + <id>.txt (the caption); the source
+                   from the id ("595103guardian"); folders named entity / non_entity give the subset
+      imagefolder  metadata.jsonl or metadata.csv (root or per split folder): file_name + text or caption
+      parquet      *.parquet with image bytes (datasets' `image` struct, or a binary `jpg` column) and a
+                   caption column, as datasets or img2dataset (--output_format parquet) write them
+      webdataset   *.tar shards of <key>.jpg + <key>.txt + <key>.json, as img2dataset writes them
+
+      anchor.toml    optional: layout, caption_column, image_column, max_file_mb (default 64)
       subjects.jsonl optional: {"id": "...", "subjects": [...]} a line, for records without
                      `subjects`; write it before the build with
                        safe-jax subjects --manual-dir <manual directory>
 
-    Extra fields are ignored. The build computes no subjects: a record with none in either file is
-    stored with an empty list (the input pipeline can fill it). Records without `split` are split
-    by a hash of their id (90/5/5). Bad records are skipped and counted in
-    build_report.json next to the built dataset; a build that keeps no record at all fails,
-    naming the reasons.
+    Extra fields are ignored. The build computes no subjects: a record with none is stored with an
+    empty list (the input pipeline can fill it). Records without a split are split by a hash of
+    their id (90/5/5). Bad records, and files that are never read (FIFOs, devices, symlinks leading
+    out of the directory, files over max_file_mb), are skipped and counted in build_report.json next
+    to the built dataset; a build that keeps no record at all fails, naming the reasons.
     """
 
     def __init__(self, *, file_format: str | None = None, **kwargs: Any):
@@ -126,41 +154,99 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         config: AnchorConfig = self.builder_config
         self._report = report = BuildReport(config=config.name)
         if config.subset == "synthetic":
-            records = list(synthetic.pairs(config.synthetic_examples, config.synthetic_seed, config.synthetic_size,
-                                           config.jpeg_quality))
-            report.records_read = len(records)
-            root = None
-        else:
-            root = epath.Path(dl_manager.manual_dir)
-            records = manual.read_records(root, report)
-            wanted = config.subset == "entity"
-            others = sum(bool(r.entity) != wanted for r in records)
-            if others:
-                report.note(f"records of the other subset ({'non-entity' if wanted else 'entity'}), not in this config",
-                            others)
-            records = [r for r in records if bool(r.entity) == wanted]
-            records = self._usable_images(records, root, report)
-            manual.add_subjects(records, root, report)
-        if not records:
+            return self._synthetic_splits(report)
+        root = epath.Path(dl_manager.manual_dir)
+        # Every mistake of the user's (a layout, a column, anchor.toml) is raised here, before any record is read.
+        chosen = settings.resolve(root, layout=config.layout, caption_column=config.caption_column,
+                                  image_column=config.image_column, max_file_mb=config.max_file_mb)
+        dirs = ManualDir(root, chosen.max_file_bytes)
+        layout = detect.open_layout(chosen, dirs)
+        layout.check()
+        report.layout = chosen.layout
+        log.info("anchor/%s: reading %s as layout %r (%s)", config.name, root, chosen.layout, chosen.origin)
+        splits, left_out = self._scan(layout, dirs, report)
+        if not splits:
             self._fail_nothing_kept(report, root)
-        missing = sum(r.subjects is None for r in records)
-        if missing:
-            report.note(f"records without subjects, stored with an empty list (none given, and none in "
-                        f"{manual.SUBJECTS_NAME})", missing)
-        by_split: dict[str, list[manual.Record]] = {}
+        subjects = manual.read_subjects(dirs, report)
+        return {split: self._generate_examples(layout, dirs, split, left_out, subjects)
+                for split in SPLITS if split in splits}
+
+    def _synthetic_splits(self, report: BuildReport) -> dict[str, Iterator]:
+        config: AnchorConfig = self.builder_config
+        records = list(synthetic.pairs(config.synthetic_examples, config.synthetic_seed, config.synthetic_size,
+                                       config.jpeg_quality))
+        report.records_read = len(records)
+        if not records:
+            self._fail_nothing_kept(report, None)
+        by_split: dict[str, list[Record]] = {}
         for r in records:
             by_split.setdefault(r.split, []).append(r)
+        self._warn_missing_splits(set(by_split), report)
+        return {split: self._write(iter(by_split[split]), None, {}) for split in SPLITS if split in by_split}
+
+    def _scan(self, layout: Any, dirs: ManualDir, report: BuildReport) -> tuple[set[str], set[str]]:
+        """The first pass: (the splits to write, the origins of records already skipped and counted).
+
+        Counts every record's reading problems and duplicate ids, and checks images only until each
+        split has one that decodes; the second pass judges the rest as it stores them.
+        """
+        config: AnchorConfig = self.builder_config
+        wanted = config.subset == "entity"
+        seen: set[int] = set()        # 8-byte digests of the ids read: the only per-record memory of a build
+        left_out: set[str] = set()
+        verified: set[str] = set()
+        others = 0
+        for record in layout.records(report):
+            digest = int.from_bytes(hashlib.blake2b(record.id.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                    "big")
+            if digest in seen:
+                report.skip("duplicate_id", record.id)
+                left_out.add(record.origin)
+                continue
+            seen.add(digest)
+            if record.is_entity() != wanted:
+                others += 1
+                continue
+            if record.split in verified:
+                continue
+            reason = self._verdict(record, dirs)
+            if reason is None:
+                verified.add(record.split)
+            else:
+                report.skip(reason, record.id)
+                left_out.add(record.origin)
+        if dirs.unfollowed:
+            report.note("symlinked folders leading out of the manual directory (not read)", len(dirs.unfollowed))
+        if others:
+            report.note(f"records of the other subset ({'non-entity' if wanted else 'entity'}), not in this config",
+                        others)
+        self._warn_missing_splits(verified, report)
+        return verified, left_out
+
+    def _verdict(self, record: Record, dirs: ManualDir) -> str | None:
+        """Why a record's image cannot be stored, or None: a full decode, without the JPEG encode."""
+        data = _image_bytes(record, dirs)
+        if isinstance(data, str):
+            return data
+        try:
+            images.check(data, min_side=self.builder_config.min_side)
+        except images.BadImage as e:
+            return e.reason
+        return None
+
+    def _warn_missing_splits(self, splits: set[str], report: BuildReport) -> None:
         # A split with no record while others have some is a warning, not an error: manual data may
         # carry only the splits it has (its own `split` field), and hash-splitting a small directory
         # can leave validation or test empty. TFDS then has no such split, and reading it fails at
         # once with TFDS's "Unknown split" error naming the splits there are. (Zero records in every
-        # split is the error above: TFDS would mark such a dataset prepared and fail much later.)
-        for split in manual.SPLITS:
-            if split not in by_split:
+        # split is the error NoRecordKept: TFDS would mark such a dataset prepared and fail much later.)
+        if not splits:
+            return
+        for split in SPLITS:
+            if split not in splits:
                 report.note(f"split {split!r} has no record and is not in the dataset")
-                log.warning("anchor/%s: no record in split %r; the dataset has only %s", config.name, split,
-                            ", ".join(s for s in manual.SPLITS if s in by_split))
-        return {split: self._generate_examples(by_split[split], root) for split in manual.SPLITS if split in by_split}
+                log.warning("anchor/%s: no record in split %r; the dataset has only %s", self.builder_config.name,
+                            split, ", ".join(s for s in SPLITS if s in splits))
 
     def _fail_nothing_kept(self, report: BuildReport, root: epath.Path | None) -> None:
         """Every record was skipped: write the report where it outlives the failed build, and raise."""
@@ -177,56 +263,51 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         print("\n" + report.summary(), flush=True)
         raise NoRecordKept(f"anchor/{config.name}: no record kept {origin}: {report.why_nothing_kept()}{where}")
 
-    def _usable_images(self, records: list[manual.Record], root: epath.Path, report: BuildReport) -> list[manual.Record]:
-        """First pass: which images decode, so that every split written is known not to be empty."""
-        config: AnchorConfig = self.builder_config
+    def _generate_examples(self, layout: Any, dirs: ManualDir, split: str, left_out: set[str],
+                           subjects: dict[str, list[str]]):
+        """The second pass, for one split: the layout read again, as the first pass read it."""
+        wanted = self.builder_config.subset == "entity"
+        # Reading problems were counted by the first pass; this pass's own count is thrown away.
+        records = (r for r in layout.records(BuildReport(), split=split)
+                   if r.split == split and r.origin not in left_out and r.is_entity() == wanted)
+        yield from self._write(records, dirs, subjects)
 
-        def verdict(record: manual.Record) -> tuple[str | None, str | None]:
-            data = _read(root, record.image)
-            if data is None:
-                return "missing_image", None
-            try:
-                return None, images.check(data, min_side=config.min_side)
-            except images.BadImage as e:
-                return e.reason, None
-
-        kept = []
-        for record, (reason, mode) in zip(records, images.parallel_map(verdict, records)):
-            if reason:
-                report.skip(reason, record.id)
-            else:
-                if mode:
-                    report.converted[mode] += 1
-                kept.append(record)
-        return kept
-
-    def _generate_examples(self, records: list[manual.Record], root: epath.Path | None):
+    def _write(self, records: Iterator[Record], dirs: ManualDir | None, subjects: dict[str, list[str]]):
         config: AnchorConfig = self.builder_config
         report = self._report
 
-        def prepared(record: manual.Record) -> images.Prepared | str:
-            data = record.image_bytes if record.image_bytes is not None else _read(root, record.image)
-            if data is None:
-                return "missing_image"  # deleted between the two passes
+        def prepared(record: Record) -> tuple[Record, images.Prepared | str]:
+            data = _image_bytes(record, dirs)
+            if isinstance(data, str):
+                return record, data
             try:
-                return images.prepare(data, max_side=config.max_side, min_side=config.min_side,
-                                      quality=config.jpeg_quality)
+                return record, images.prepare(data, max_side=config.max_side, min_side=config.min_side,
+                                              quality=config.jpeg_quality)
             except images.BadImage as e:
-                return e.reason
+                return record, e.reason
 
-        for record, image in zip(records, images.parallel_map(prepared, records)):
+        for record, image in images.parallel_map(prepared, records):
             if isinstance(image, str):
                 report.skip(image, record.id)
                 continue
-            if image.reencoded and record.image_bytes is None:
+            if image.converted_from:
+                report.converted[image.converted_from] += 1
+            if image.reencoded and config.subset != "synthetic":
                 report.note("images re-encoded (converted, rotated or larger than max_side)")
+            record_subjects = record.subjects
+            if record_subjects is None and record.id in subjects:
+                record_subjects = subjects[record.id]
+                report.note(f"records with subjects from {manual.SUBJECTS_NAME}")
+            if record_subjects is None:
+                report.note(f"records without subjects, stored with an empty list (none given, and none in "
+                            f"{manual.SUBJECTS_NAME})")
             report.kept[record.split] += 1
             yield record.id, {
                 "image": image.jpeg,
                 "image_id": record.id,
                 "caption": record.caption,
                 "source": normalise_source(record.source),
-                "subjects": record.subjects or [],
+                "subjects": record_subjects or [],
                 "entity": record.entity if config.subset == "entity" else "",
             }
 
@@ -260,12 +341,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         log.info("build report: %s", self.report_path)
 
 
-def _read(root: epath.Path, relative: str) -> bytes | None:
-    path = root / relative
+def _image_bytes(record: Record, dirs: ManualDir | None) -> bytes | str:
+    """A record's image, or the reason it is not read (a FIFO, a device, a link out, too large, absent)."""
+    if record.image_bytes is not None:
+        return record.image_bytes
+    if dirs is None or record.image is None:
+        return "missing_image"
     try:
-        return path.read_bytes()
-    except OSError:  # missing, a directory, unreadable: the record has no image
-        return None
+        return dirs.read(record.image)
+    except Unreadable as e:
+        return e.reason
 
 
 def build_report(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:

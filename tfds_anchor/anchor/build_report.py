@@ -31,6 +31,15 @@ SKIP_REASONS = {
     "corrupt_image": "the image cannot be decoded",
     "too_large_image": "the image has more pixels than PIL allows (a decompression bomb?)",
     "tiny_image": "the image's shorter side is below the config's min_side",
+    # Files that are never read (safe_files.py), and damaged containers.
+    "special_file": "a FIFO, device or socket (or a link entry in a tar shard) where a file should be: never read",
+    "not_a_file": "a directory where a file should be",
+    "link_outside": "a symlink that resolves outside the manual directory (never followed)",
+    "oversize_file": "the file or embedded image is larger than max_file_mb (never read)",
+    "unreadable_file": "the file cannot be opened or read (permissions, I/O error, not a valid container)",
+    "truncated_member": "the tar shard ends inside this sample (the rest of the shard is lost)",
+    "unreadable_rows": "the parquet row group holding the row cannot be read (counted per row)",
+    "not_downloaded": "img2dataset's status for the sample is not success",
 }
 _EXAMPLES_PER_REASON = 5
 
@@ -45,6 +54,7 @@ class NoRecordKept(ValueError):
 @dataclasses.dataclass
 class BuildReport:
     config: str = ""
+    layout: str = ""  # the manual directory's layout ("" for sample)
     records_read: int = 0
     kept: collections.Counter = dataclasses.field(default_factory=collections.Counter)        # by split
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)     # by reason
@@ -52,10 +62,10 @@ class BuildReport:
     converted: collections.Counter = dataclasses.field(default_factory=collections.Counter)   # image mode → n
     notes: collections.Counter = dataclasses.field(default_factory=collections.Counter)       # repairs, info
 
-    def skip(self, reason: str, record_id: Any = None) -> None:
+    def skip(self, reason: str, record_id: Any = None, n: int = 1) -> None:
         if reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}")
-        self.skipped[reason] += 1
+        self.skipped[reason] += n
         ids = self.examples.setdefault(reason, [])
         if record_id is not None and len(ids) < _EXAMPLES_PER_REASON:
             ids.append(str(record_id))
@@ -66,6 +76,7 @@ class BuildReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "config": self.config,
+            "layout": self.layout,
             "records_read": self.records_read,
             "kept": dict(sorted(self.kept.items())),
             "kept_total": sum(self.kept.values()),
@@ -93,8 +104,9 @@ class BuildReport:
 
     def summary(self) -> str:
         kept = ", ".join(f"{k} {v}" for k, v in sorted(self.kept.items())) or "none"
+        layout = f", from the {self.layout} layout" if self.layout else ""
         lines = [f"anchor/{self.config}: read {self.records_read} records, kept {sum(self.kept.values())} ({kept}), "
-                 f"skipped {sum(self.skipped.values())}"]
+                 f"skipped {sum(self.skipped.values())}{layout}"]
         for reason, n in sorted(self.skipped.items()):
             ids = ", ".join(self.examples.get(reason, []))
             lines.append(f"  skipped {n:>6}  {reason}: {SKIP_REASONS[reason]}" + (f" (e.g. {ids})" if ids else ""))

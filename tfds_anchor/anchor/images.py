@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import io
+import itertools
 import multiprocessing
 import warnings
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -129,10 +130,14 @@ def check(data: bytes, *, min_side: int) -> str | None:
     return None if mode == "RGB" else mode
 
 
-def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T], chunk: int = 256) -> Iterator[_R]:
-    """``map(fn, items)`` in threads, in order, a chunk at a time (PIL decodes without the GIL)."""
+def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T], chunk: int = 64) -> Iterator[_R]:
+    """``map(fn, items)`` in threads, in order, a chunk at a time (PIL decodes without the GIL).
+
+    ``items`` is consumed a chunk at a time too: a stream of records with their images in memory
+    (parquet, tar) holds one chunk of them, however long the stream.
+    """
     workers = max(1, min(8, multiprocessing.cpu_count()))
-    items = list(items)
+    items = iter(items)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(items), chunk):
-            yield from pool.map(fn, items[start:start + chunk])
+        while block := list(itertools.islice(items, chunk)):
+            yield from pool.map(fn, block)

@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw
 
-from tfds_anchor.anchor.manual import Record, hash_split
+from tfds_anchor.anchor.records import Record, hash_split
 from tfds_anchor.anchor.sources import SOURCES
 
 PEOPLE = ("Maria Okafor", "James Whitfield", "Priya Raman", "Tomasz Nowak", "Elena Duarte", "Samuel Achebe",

@@ -36,10 +36,12 @@ bench: install
 # The reference environment (.refenv): the metrics' own PyTorch code (open_clip, ImageReward,
 # clean-fid, torchmetrics), which needs torchvision and so cannot live in .venv. Only
 # `make reference-fixtures` uses it, to rewrite tests/fixtures/reference/; tests never do.
-# CMMD's reference is google-research/cmmd, which is not on PyPI: CMMD_SRC names a checkout of it.
+# CMMD's reference is google-research/cmmd (with scenic's CLIP), which is not on PyPI: CMMD_SRC
+# and SCENIC_SRC name checkouts of them; without them cmmd.npz is left as it is.
 REFENV ?= .refenv
 REF_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CMMD_SRC ?=
+SCENIC_SRC ?=
 
 $(REFENV)/.installed: tests/reference/requirements.txt tests/reference/requirements-nodeps.txt
 	$(PYTHON) -m venv $(REFENV)
@@ -50,9 +52,10 @@ $(REFENV)/.installed: tests/reference/requirements.txt tests/reference/requireme
 	touch $@
 
 reference-fixtures: $(REFENV)/.installed
-	for script in tests/reference/fixtures_*.py; do \
-	  $(REFENV)/bin/python $$script $(if $(CMMD_SRC),--cmmd-src $(CMMD_SRC)) || exit 1; \
-	done
+	$(REFENV)/bin/python tests/reference/fixtures_imagereward.py
+	$(REFENV)/bin/python tests/reference/fixtures_open_clip.py
+	$(REFENV)/bin/python tests/reference/fixtures_metrics.py $(if $(CMMD_SRC),--cmmd-src $(CMMD_SRC)) \
+	  $(if $(SCENIC_SRC),--scenic-src $(SCENIC_SRC))
 
 clean:
 	rm -rf $(VENV) out

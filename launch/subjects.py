@@ -106,7 +106,7 @@ def _manual_dir_records(manual_dir: str, out: str | None) -> tuple[list, str]:
 
     try:
         records = manual.read_records(manual_dir, BuildReport(config="subjects"))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: LayoutError (a bad anchor.toml, a missing column)
         raise SafeJaxError(str(e)) from None
     return ([Record(r.id, r.caption) for r in records if r.subjects is None],
             out or str(Path(manual_dir) / manual.SUBJECTS_NAME))

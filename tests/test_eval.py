@@ -86,6 +86,13 @@ def test_eval_end_to_end_resumes_without_redrawing(tmp_path, prompts_file, clip_
     assert np.isclose(clipscore["mean"], np.mean([r["clipscore"] for r in lines if r["model"] == "base-plain"]))
     fid = results["base-plain"]["fid_clip"]
     assert fid["n"] == 6 and fid["value"] > 0 and set(fid["per_seed"]) == {"1", "2"}
+    from safe_jax.eval.frechet import FeatureStats, frechet_distance, load_stats
+
+    stats, meta = load_stats(out / "reference_stats" / "fid_clip.npz")  # the real images' mu, sigma, kept
+    assert stats.n == len(CAPTIONS) and meta["preprocessing"] == "clean-fid clip_vit_b_32"
+    generated = np.load(out / "cache" / "features-fid_clip" / "base-plain.npz")["features"]
+    # The cache holds the rows in another order: float32 sums in another order, a few 1e-7 apart.
+    assert np.isclose(frechet_distance(FeatureStats.from_features(generated), stats), fid["value"], rtol=1e-5)
     assert "subject_recall@1.person" in results["base-weighted"]
     # Two rows drawn from the same preset, the same seeds and settings: the same pictures.
     for a, b in zip(sorted(out.glob("images/base-plain/*.png")), sorted(out.glob("images/other-plain/*.png"))):

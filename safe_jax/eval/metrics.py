@@ -140,6 +140,13 @@ class SetMetric(Metric):
     def reference(self, real_features: np.ndarray) -> Any:
         return real_features
 
+    def load_reference(self, out: Path, real_id: str) -> Any | None:
+        """A reference of the same real images (``real_id``) and model saved by an earlier run."""
+        return None
+
+    def save_reference(self, out: Path, real_id: str, reference: Any) -> None:
+        pass
+
     def distance(self, features: np.ndarray, reference: Any) -> float:
         raise NotImplementedError
 
@@ -261,6 +268,28 @@ class FIDCLIP(SetMetric):
         from safe_jax.eval.frechet import FeatureStats, frechet_distance
 
         return float(frechet_distance(FeatureStats.from_features(features), reference))
+
+    def _reference_meta(self, real_id: str) -> dict[str, Any]:
+        from safe_jax.eval.frechet import model_key
+
+        return {"model": model_key(self.checkpoint), "preprocessing": "clean-fid clip_vit_b_32", "images": real_id}
+
+    def load_reference(self, out, real_id):
+        """``reference_stats/fid_clip.npz``: the real images' mu and sigma (float64), kept for reuse."""
+        from safe_jax.eval.frechet import load_stats
+
+        path = out / "reference_stats" / "fid_clip.npz"
+        if not path.is_file():
+            return None
+        try:
+            return load_stats(path, self._reference_meta(real_id))[0]
+        except SafeJaxError:
+            return None  # other images or another model: recomputed and replaced
+
+    def save_reference(self, out, real_id, reference):
+        from safe_jax.eval.frechet import save_stats
+
+        save_stats(out / "reference_stats" / "fid_clip.npz", reference, self._reference_meta(real_id))
 
 
 class CMMD(SetMetric):

@@ -13,6 +13,7 @@ memory at a time and a metric added later reuses every image.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ class Evaluation:
         return prompt.subject_texts
 
     def _bar(self, total: int, desc: str):
-        if self.progress is None:
+        if self.progress is None or total == 0:
             return _NoBar()
         return self.progress(total=total, desc=desc, unit="img")
 
@@ -131,16 +132,20 @@ class Evaluation:
         if len(real) < 2:
             raise SafeJaxError(f"{metric.name} needs ground-truth images: {len(real)} of {len(self.prompts)} "
                                "prompts have an 'image'")
-        real_cache = FeatureCache(self.out, metric.name, "real", metric.identity)
         real_keys = [(p.id, _bytes_sha1(p)) for p in real]
-        missing = [(p, key) for p, key in zip(real, real_keys) if real_cache.get(*key) is None]
-        with self._bar(len(missing), f"{metric.name} real images") as bar:
-            for start in range(0, len(missing), metric.batch_size):
-                chunk = missing[start:start + metric.batch_size]
-                real_cache.put([k for _, k in chunk], metric.features([p.load_image() for p, _ in chunk]))
-                real_cache.save()
-                bar.update(len(chunk))
-        reference = metric.reference(np.stack([real_cache.get(*k) for k in real_keys]))
+        real_id = hashlib.sha1(repr(real_keys).encode()).hexdigest()[:16]
+        reference = metric.load_reference(self.out, real_id)
+        if reference is None:
+            real_cache = FeatureCache(self.out, metric.name, "real", metric.identity)
+            missing = [(p, key) for p, key in zip(real, real_keys) if real_cache.get(*key) is None]
+            with self._bar(len(missing), f"{metric.name} real images") as bar:
+                for start in range(0, len(missing), metric.batch_size):
+                    chunk = missing[start:start + metric.batch_size]
+                    real_cache.put([k for _, k in chunk], metric.features([p.load_image() for p, _ in chunk]))
+                    real_cache.save()
+                    bar.update(len(chunk))
+            reference = metric.reference(np.stack([real_cache.get(*k) for k in real_keys]))
+            metric.save_reference(self.out, real_id, reference)
         for row in self.rows:
             cache = FeatureCache(self.out, metric.name, row.name, metric.identity)
             keys = [(path.relative_to(self.out).as_posix(), sha1) for _, _, path, sha1 in items[row.name]]
@@ -182,8 +187,6 @@ def _load_png(path: Path) -> np.ndarray:
 
 
 def _bytes_sha1(prompt: EvalPrompt) -> str:
-    import hashlib
-
     if prompt.image_bytes is not None:
         return hashlib.sha1(prompt.image_bytes).hexdigest()
     return file_sha1(prompt.image_path)

@@ -285,3 +285,53 @@ def test_eval_every_metric_on_two_model_folders(tmp_path, prompts_file, monkeypa
     report = (out / "report.md").read_text()
     for key in ("fid_clip ↓", "cmmd ↓", "imagereward ↑", "hps ↑"):
         assert key in report
+
+
+def test_a_model_folder_that_does_not_load_is_one_line_and_keeps_what_was_drawn(tmp_path, prompts_file, clip_dir,
+                                                                                   capsys):
+    from safe_jax.sampling.stable_diffusion import StableDiffusion
+
+    pipe, params = StableDiffusion.from_pretrained("tiny")
+    pipe.save_pretrained(params, tmp_path / "good")
+    pipe.save_pretrained(params, tmp_path / "broken")
+    config = json.loads((tmp_path / "broken" / "unet" / "config.json").read_text())
+    config["norm_num_groups"] = 7
+    (tmp_path / "broken" / "unet" / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "eval"
+    argv = ["--model", str(tmp_path / "good"), "--model", str(tmp_path / "broken"), "--prompts", str(prompts_file),
+            "--limit", "1", "--seeds", "1", "--steps", "1", "--batch-size", "1", "--clip", str(clip_dir),
+            "--out", str(out)]
+    assert eval_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("safe-jax eval: error: --model ") and "norm_num_groups=7" in err[-1]
+    assert (out / "images" / "good" / "flood-1_1.png").is_file()  # the first model's image is kept
+
+
+@pytest.mark.slow
+def test_eval_killed_with_sigkill_resumes_without_redrawing(tmp_path, prompts_file):
+    """A real kill -9 in the middle of drawing: the re-run keeps every finished image as it was."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "launch.eval", "--model", "tiny", "--prompts", str(prompts_file), "--seeds",
+           "1,2,3,4", "--steps", "4", "--batch-size", "1", "--metrics", "fid_clip", "--fid-clip",
+           str(FIXTURES / "metrics" / "clip_tiny"), "--out", str(out)]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("images/tiny/*.png"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {p: p.stat().st_mtime_ns for p in out.glob("images/tiny/*.png")}
+    assert 3 <= len(before) < 12, "the kill should land mid-way"
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"drawing {12 - len(before)} of 12 images ({len(before)} already there)" in done.stderr
+    after = {p: p.stat().st_mtime_ns for p in out.glob("images/tiny/*.png")}
+    assert len(after) == 12 and all(after[p] == t for p, t in before.items())
+    assert not list(out.glob("images/tiny/*.tmp"))
+    assert json.loads((out / "results.json").read_text())["results"]["tiny"]["fid_clip"]["n"] == 12

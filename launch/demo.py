@@ -121,9 +121,10 @@ def _before_after(out: Path, config, export_dir: Path, captions, subjects, recor
     from launch import report
     from safe_jax.data.transforms import load_image
     from safe_jax.sampling.stable_diffusion import StableDiffusion
+    from safe_jax.train import rewards
     from safe_jax.train.loop import load_reward
 
-    reward, reward_params = load_reward(config)
+    reward, reward_params, reward_text = load_reward(config)
     size = config.data.resolution
     gt = np.stack([np.asarray(load_image(r["image"], size, "center", False, dtype="uint8"), np.float32) for r in records]) / 255.0
     rows, labels, table = [], [], []
@@ -136,7 +137,8 @@ def _before_after(out: Path, config, export_dir: Path, captions, subjects, recor
             rows.append(list(images))
             cond = "subject-weighted" if weighted else "plain"
             labels.append(f"{name}, {cond}")
-            batch = {"input_ids": jnp.asarray(pipe.tokenize(captions)), "gt_images": jnp.asarray(gt)}
+            batch = {"input_ids": jnp.asarray(pipe.tokenize(captions)), "gt_images": jnp.asarray(gt),
+                     **rewards.text_batch(reward_text, captions)}
             r = reward(reward_params, jnp.asarray(images, jnp.float32) / 255.0, batch)
             table.append({"model": name, "conditioning": cond, "mean reward": float(np.mean(np.asarray(r)))})
     short = [c if len(c) <= 60 else c[:57] + "..." for c in captions]

@@ -61,9 +61,14 @@ def get_config() -> ConfigDict:
     c.loss.refl_grad_scale = 1e-3
 
     c.reward = ConfigDict()
-    c.reward.name = "dfe"             # dfe (ours: caption + α·ground-truth image), pickscore, clipscore, brightness, ...
-    c.reward.clip = "tiny"            # a transformers CLIPModel folder, or the random "tiny" preset
+    c.reward.name = "dfe"             # dfe (ours: caption + α·ground-truth image), pickscore, clipscore, hps,
+                                      # imagereward, brightness, ...
+    c.reward.clip = "tiny"            # CLIP rewards: a transformers CLIPModel folder, or the random "tiny" preset
     c.reward.alpha = 1.0              # DFE's weight of the ground-truth image term
+    c.reward.checkpoint = ""          # hps: HPS_v2_compressed.pt / HPS_v2.1_compressed.pt; imagereward: ImageReward.pt,
+                                      # with med_config.json and bert-base-uncased's tokenizer/ beside it
+    c.reward.arch = ""                # hps: an OpenCLIP architecture ("" = ViT-H-14); imagereward: the BLIP
+                                      # vision preset ("" = large, ViT-L/16); what the checkpoint's shapes leave open
 
     c.optim = ConfigDict()
     c.optim.lr = 1e-4

@@ -15,7 +15,7 @@ just where it is, which is what makes resume exact.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import grain
 
@@ -69,10 +69,12 @@ def host_shard() -> tuple[int, int]:
 
 
 def make_dataset(config: InputConfig, tokenizer: Any, *, source: Any = None,
-                 shard: tuple[int, int] | None = None) -> grain.IterDataset:
-    """This host's batches as a grain IterDataset: dicts of ``image`` [B, R, R, 3] (uint8 0..255, or
-    float32 [-1, 1] with ``image_dtype="float32"``), ``ids`` [B, 77] int32, ``weights`` [B, 77]
-    float32 and ``image_id`` [B] bytes.
+                 shard: tuple[int, int] | None = None,
+                 reward_text: Callable[[str], Mapping[str, Any]] | None = None) -> grain.IterDataset:
+    """This host's batches as a grain IterDataset: dicts of ``images`` [B, R, R, 3] (uint8 0..255, or
+    float32 [-1, 1] with ``image_dtype="float32"``), ``input_ids`` [B, 77] int32, ``token_weights``
+    [B, 77] float32 and ``image_id`` [B] bytes, plus what ``reward_text`` makes of each caption
+    (a reward model's own tokens, e.g. ``ImageRewardText``; it must pickle, for the workers).
 
     ``source`` defaults to ``data_source(config.name, config.split, config.data_dir)``; ``shard`` to
     ``(jax.process_index(), jax.process_count())``.
@@ -90,7 +92,8 @@ def make_dataset(config: InputConfig, tokenizer: Any, *, source: Any = None,
         ds = ds.shuffle()
     ds = ds.repeat(config.num_epochs)  # reseeds the shuffle each epoch
     ds = ds.random_map(DecodeImage(config.resolution, config.crop, config.flip, config.image_dtype))
-    ds = ds.map(TokenizeWithSubjects(tokenizer, config.subject_weight, config.subject_format, config.max_length))
+    ds = ds.map(TokenizeWithSubjects(tokenizer, config.subject_weight, config.subject_format, config.max_length,
+                                     reward_text))
     ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder)
     ds = ds[index::count]  # lazy: a host decodes only its own batches, augmentation keyed by global position
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch))
@@ -119,5 +122,6 @@ def _absl_flags_ready() -> None:
 
 
 def make_iterator(config: InputConfig, tokenizer: Any, **kwargs: Any) -> grain.DatasetIterator:
-    """``iter(make_dataset(...))``: a DatasetIterator with ``get_state`` / ``set_state``."""
+    """``iter(make_dataset(...))``: a DatasetIterator with ``get_state`` / ``set_state``; ``kwargs``
+    are ``make_dataset``'s (``source``, ``shard``, ``reward_text``)."""
     return iter(make_dataset(config, tokenizer, **kwargs))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import grain
 import numpy as np
@@ -106,24 +106,36 @@ class TokenizeWithSubjects(grain.transforms.Map):
     ``input_ids``, ``token_weights``, ``image_id``).
 
     Captions and subject lists leave the record here: what follows is fixed-shape arrays only.
+    A reward model with its own tokenizer (HPS, ImageReward) therefore gets its text inputs here
+    too: ``reward_text`` (caption -> a dict of fixed-shape arrays, e.g. ``reward_input_ids``;
+    picklable, since grain's worker processes run it) sees the plain caption, without the
+    subject formatting the diffusion model is conditioned on.
     """
 
     tokenizer: Any
     subject_weight: float
     subject_format: str = "plain"
     max_length: int = 77
+    reward_text: Callable[[str], Mapping[str, Any]] | None = None
 
     def map(self, features: dict[str, Any]) -> dict[str, Any]:
         from safe_jax.text.conditioning import subject_token_weights
 
         tw = subject_token_weights(self.tokenizer, [features["caption"]], [features["subjects"]],
                                    self.subject_weight, self.subject_format, self.max_length)
-        return {
+        out = {
             "images": features["image"],
             "input_ids": tw.ids[0],
             "token_weights": tw.weights[0],
             "image_id": np.bytes_(features["image_id"].encode("utf-8")),
         }
+        if self.reward_text is not None:
+            extra = self.reward_text(features["caption"])
+            clash = sorted(set(extra) & set(out))
+            if clash:
+                raise SafeJaxError(f"reward_text must not replace the batch's {', '.join(clash)}")
+            out.update(extra)
+        return out
 
 
 def to_unit_range(images: Any) -> Any:

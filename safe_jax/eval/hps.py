@@ -209,12 +209,28 @@ def hps_score(model: CLIPModel, params: Mapping[str, Any], pixel_values: jax.Arr
 
 
 @dataclass(frozen=True)
+class HPSText:
+    """caption -> ``{"reward_input_ids": int32 [context_length]}``: the input pipeline's per-record
+    text transform for the HPS reward (picklable, for grain's worker processes).
+
+    Training batches also carry the SD tokenizer's ``input_ids``, and those give other HPS text
+    features whenever OpenCLIP's cleaning changes the caption (HTML entities, curly quotes) or the
+    subjects are formatted into it ("prefix"); how they are padded does not matter (pooling at the
+    first EOT of a causal tower)."""
+
+    context_length: int = CONTEXT_LENGTH
+
+    def __call__(self, caption: str) -> dict[str, np.ndarray]:
+        return {"reward_input_ids": tokenize(caption, self.context_length)[0]}
+
+
+@dataclass(frozen=True)
 class HPSReward:
     """HPS as a ReFL reward, ``safe_jax.train.rewards``' interface: ``reward(params, images,
     batch) -> [B]`` with ``images`` [B, H, W, 3] in [0, 1] (any size) and ``batch`` holding the
-    captions' ``input_ids`` (from ``tokenize``) or their precomputed ``text_embeds``. The text
-    side is constant (stop_gradient); gradients reach ``images`` through the model and
-    ``preprocess_jax``."""
+    captions' precomputed ``text_embeds``, or their ids from ``tokenize``: ``reward_input_ids``
+    (what training batches carry, see ``HPSText``), else ``input_ids``. The text side is constant
+    (stop_gradient); gradients reach ``images`` through the model and ``preprocess_jax``."""
 
     model: CLIPModel
     name: str = "hps"
@@ -236,10 +252,11 @@ class HPSReward:
         batch = batch or {}
         if "text_embeds" in batch:
             text = batch["text_embeds"]
-        elif "input_ids" in batch:
-            text = self.text_embeds(params, batch["input_ids"])
+        elif "reward_input_ids" in batch or "input_ids" in batch:
+            text = self.text_embeds(params, batch["reward_input_ids" if "reward_input_ids" in batch else "input_ids"])
         else:
-            raise SafeJaxError(f"reward '{self.name}' needs batch['text_embeds'] or batch['input_ids']")
+            raise SafeJaxError(f"reward '{self.name}' needs batch['text_embeds'], batch['reward_input_ids'] or "
+                               "batch['input_ids']")
         return jnp.sum(self.image_embeds(params, images) * jax.lax.stop_gradient(text), axis=-1)
 
     def init_params(self, seed: int = 0) -> dict[str, Any]:

@@ -20,13 +20,16 @@ Two image paths, for two purposes:
   computes it on a PIL image (PIL bicubic resize of the shorter side, centre crop, CLIP mean/std):
   for the metric, whose values must match the reference's.
 - ``imagereward_reward``: images in [0, 1] -> reward, differentiably (bicubic resize in JAX, no
-  uint8 rounding), as ImageReward's ReFL code resizes its decoded tensors: for fine-tuning.
+  uint8 rounding), as ImageReward's ReFL code resizes its decoded tensors: for fine-tuning
+  (``ImageRewardReward``, the registry's ``imagereward``; ``ImageRewardText`` tokenises the
+  captions in the input pipeline).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -172,6 +175,20 @@ def tokenize(tokenizer, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.nd
     return encoded["input_ids"].astype(np.int32), encoded["attention_mask"].astype(np.int32)
 
 
+@dataclass(frozen=True)
+class ImageRewardText:
+    """caption -> ``{"reward_input_ids", "reward_attention_mask"}`` (int32 [35] each), as ``tokenize``
+    gives them: the input pipeline's per-record text transform for the ImageReward reward, which
+    reads BERT ids where the batch's ``input_ids`` are CLIP's. Picklable, for grain's worker
+    processes; it keeps the tokenizer so that the reward itself holds only the (hashable) model."""
+
+    tokenizer: Any
+
+    def __call__(self, caption: str) -> dict[str, np.ndarray]:
+        input_ids, attention_mask = tokenize(self.tokenizer, caption)
+        return {"reward_input_ids": input_ids[0], "reward_attention_mask": attention_mask[0]}
+
+
 def preprocess_images(images: np.ndarray | Sequence[np.ndarray | Image.Image], size: int = 224) -> np.ndarray:
     """uint8 RGB images -> float32 [B, size, size, 3], as ``ImageReward.preprocess`` does:
     ``Resize(size, BICUBIC)`` + ``CenterCrop(size)`` on the PIL image, ``ToTensor``, ``Normalize``
@@ -212,6 +229,34 @@ def imagereward_reward(model: ImageRewardModel, params: Mapping[str, Any], image
         raise SafeJaxError(f"images must be [B, H, W, 3] in [0, 1], got {tuple(images01.shape)}")
     pixels = preprocess(images01, model.config.vision.image_size, antialias=antialias)
     return model.apply({"params": params}, pixels, jnp.asarray(input_ids), jnp.asarray(attention_mask))
+
+
+@dataclass(frozen=True)
+class ImageRewardReward:
+    """ImageReward as a ReFL reward, ``safe_jax.train.rewards``' interface: ``reward(params, images,
+    batch) -> [B]`` (``imagereward_reward``) with the captions' BERT tokens in
+    ``batch["reward_input_ids"]`` / ``batch["reward_attention_mask"]`` (``ImageRewardText``)."""
+
+    model: ImageRewardModel
+    antialias: bool = True
+    name: str = "imagereward"
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision.image_size
+
+    def __call__(self, params: Mapping[str, Any], images: jax.Array, batch: Mapping[str, Any] | None = None
+                 ) -> jax.Array:
+        batch = batch or {}
+        if "reward_input_ids" not in batch or "reward_attention_mask" not in batch:
+            raise SafeJaxError(f"reward '{self.name}' needs batch['reward_input_ids'] and "
+                               "batch['reward_attention_mask'] (the captions through ImageRewardText)")
+        return imagereward_reward(self.model, params, images, batch["reward_input_ids"],
+                                  batch["reward_attention_mask"], antialias=self.antialias)
+
+    def init_params(self, seed: int = 0) -> dict[str, Any]:
+        """Random weights (tests, the demo): ``load_image_reward`` gives the real ones."""
+        return init_params(self.model, seed)
 
 
 def score(model: ImageRewardModel, params: Mapping[str, Any], tokenizer, images, prompts: str | Sequence[str]

@@ -147,6 +147,8 @@ def _spec() -> dict[str, Check]:
         "reward.name": _choice(*rewards.available_rewards()),
         "reward.clip": _string(nonempty=True),
         "reward.alpha": _number(),
+        "reward.checkpoint": _string(),
+        "reward.arch": _string(),
         "optim.lr": _number(0, low_open=True),
         "optim.schedule": _choice("cosine", "constant"),
         "optim.warmup_steps": _integer(low=0),
@@ -227,6 +229,7 @@ def _cross_checks(c: Callable[[str], Any]) -> None:
         if clip not in clip_vision.PRESETS and not Path(clip).is_dir():
             raise SafeJaxError(f"config.reward.clip must be a transformers CLIPModel folder or a preset "
                                f"({', '.join(clip_vision.PRESETS)}), got {clip!r}")
+    _check_reward_model(c)
     data_dir = c("data.data_dir")
     if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise SafeJaxError(f"config.data.data_dir {data_dir} is not a directory")
@@ -234,6 +237,41 @@ def _cross_checks(c: Callable[[str], Any]) -> None:
         raise SafeJaxError("config.sample.prompts must not be empty when config.sample.every > 0")
     if c("export.enabled") and c("export.use_ema") and c("optim.ema_decay") is None:
         raise SafeJaxError("config.export.use_ema needs EMA weights: set config.optim.ema_decay (e.g. 0.999)")
+
+
+def _check_reward_model(c: Callable[[str], Any]) -> None:
+    """HPS / ImageReward: the architecture name always (a typo costs nothing to catch), the files
+    only when ReFL will read them (a denoising-only run never loads the reward)."""
+    from safe_jax.train import rewards
+
+    name = c("reward.name")
+    if name not in rewards.REWARD_MODELS:
+        return
+    arch, known = c("reward.arch"), rewards.reward_archs(name)
+    if arch and arch not in known:
+        what = "an OpenCLIP architecture" if name == "hps" else "a BLIP vision preset"
+        raise SafeJaxError(f"config.reward.arch must be '' ({rewards.REWARD_MODELS[name]}) or {what} for reward "
+                           f"'{name}' ({', '.join(known)}), got {arch!r}")
+    if c("loss.kind") == "denoising":
+        return
+    file = c("reward.checkpoint")
+    wanted = "an HPS_v2*.pt file" if name == "hps" else "an ImageReward.pt file"
+    if not file:
+        raise SafeJaxError(f"config.reward.checkpoint must name {wanted} for reward '{name}'")
+    path = Path(file)
+    if not path.exists():
+        raise SafeJaxError(f"config.reward.checkpoint {file} does not exist ({wanted} for reward '{name}')")
+    if not path.is_file():
+        raise SafeJaxError(f"config.reward.checkpoint {file} is not a regular file ({wanted} for reward '{name}')")
+    if name == "imagereward":
+        from safe_jax.io.image_reward import TOKENIZER_FOLDERS
+
+        if not (path.parent / "med_config.json").is_file():
+            raise SafeJaxError(f"config.reward.checkpoint {file}: no med_config.json beside it (BLIP's, from the "
+                               "ImageReward release)")
+        if not any((path.parent / folder).is_dir() for folder in TOKENIZER_FOLDERS):
+            raise SafeJaxError(f"config.reward.checkpoint {file}: no BERT tokenizer folder beside it "
+                               f"(bert-base-uncased's tokenizer files in {path.parent / TOKENIZER_FOLDERS[0]})")
 
 
 def _check_mesh(c: Callable[[str], Any], devices: int | None) -> None:

@@ -98,7 +98,7 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
     tx = train_step.make_optimizer(*schedule, config.optim.weight_decay, config.optim.clip_norm or None, accumulate)
     lr_fn = train_step.lr_schedule(*schedule)
     lr_at = lambda step: float(lr_fn(step // accumulate))  # for the logs
-    reward, reward_params = load_reward(config) if step_cfg.loss != "denoising" else (None, {})
+    reward, reward_params, reward_text = load_reward(config) if step_cfg.loss != "denoising" else (None, {}, None)
 
     # Trainable and frozen trees, sharded FSDP-style over the mesh.
     if config.mode == "lora":
@@ -119,13 +119,17 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
     length = pipe.conditioner.max_length  # the text encoder's, not a constant
     input_cfg = InputConfig(**{**config.data, "batch_size": batch_size}, seed=config.seed, max_length=length,
                             subject_weight=step_cfg.subjects.weight, subject_format=step_cfg.subjects.format)
-    data = resources.add("data", GlobalBatches(make_iterator(input_cfg, pipe.tokenizer, source=source), mesh))
+    data = resources.add("data", GlobalBatches(make_iterator(input_cfg, pipe.tokenizer, source=source,
+                                                             reward_text=reward_text), mesh))
 
     global_batch = batch_size * jax.process_count()
     example = {"input_ids": jax.ShapeDtypeStruct((global_batch, length), jnp.int32),
                "token_weights": jax.ShapeDtypeStruct((global_batch, length), jnp.float32),
                "images": jax.ShapeDtypeStruct((global_batch, config.data.resolution, config.data.resolution, 3),
                                               jnp.float32)}
+    if reward_text is not None:  # the reward model's own tokens of each caption: fixed shapes, whatever the caption
+        example.update({key: jax.ShapeDtypeStruct((global_batch, *np.shape(value)), np.asarray(value).dtype)
+                        for key, value in reward_text("").items()})
     t0 = time.perf_counter()
     model = train_step.DiffusionModel.from_modules(pipe.unet, pipe.vae, pipe.schedule)
     step_fn = train_step.compile_train_step(train_step.make_train_step(model, pipe.conditioner, step_cfg, tx, reward),
@@ -236,16 +240,21 @@ def trained_unet(trained: Any, frozen: dict, config: Any) -> Any:
     return jax.tree.map(np.asarray, merged)
 
 
-def load_reward(config: Any) -> tuple[rewards.Reward, Any]:
-    """(reward, its parameters) as ``config.reward`` describes: a CLIP folder, a preset or a pixel reward."""
+def load_reward(config: Any) -> tuple[rewards.Reward, Any, Callable[[str], dict] | None]:
+    """(reward, its parameters, its text transform) as ``config.reward`` describes: an HPS v2 or
+    ImageReward checkpoint file, a CLIP folder, a preset or a pixel reward. The text transform
+    (caption -> the reward's own token arrays, for the input pipeline) is None for rewards that
+    read the batch's SD ``input_ids``."""
     name, clip = config.reward.name, config.reward.clip
+    if name in rewards.REWARD_MODELS:
+        return rewards.load_reward_checkpoint(name, config.reward.checkpoint, config.reward.arch)
     kwargs = {"alpha": config.reward.alpha} if name == "dfe" else {}
     if name in rewards.CLIP_REWARDS and Path(clip).is_dir():
-        return rewards.load_clip_reward(clip, name, **kwargs)
+        return (*rewards.load_clip_reward(clip, name, **kwargs), None)
     if name in rewards.CLIP_REWARDS:
         kwargs["clip"] = clip
     reward = rewards.make_reward(name, **kwargs)
-    return reward, reward.init_params(config.seed)
+    return reward, reward.init_params(config.seed), None
 
 
 def _per_host_batch(config: Any, mesh: Any) -> int:

@@ -26,6 +26,12 @@ Rewards (``make_reward(name, **kwargs)``; add your own with ``register_reward``)
   ground-truth side under stop_gradient). Mind the scales: PickScore's caption term is ~20
   (exp(logit_scale) = 100 times a cosine), the image term is a cosine in [-1, 1]; choose α (and
   ReFL's λ) accordingly.
+- ``hps`` (HPS v2 / v2.1, ``safe_jax.eval.hps.HPSReward``) and ``imagereward`` (ImageReward,
+  ``safe_jax.io.image_reward.ImageRewardReward``): the preference models the ImageReward authors
+  fine-tune with, read from one checkpoint file by ``load_reward_checkpoint``. Each tokenises the
+  caption its own way, so each comes with a ``text`` transform (caption -> the batch's
+  ``reward_input_ids``, plus ``reward_attention_mask`` for ImageReward) that the input pipeline
+  applies to the caption before subject formatting (``TokenizeWithSubjects(reward_text=...)``).
 
 CLIP rewards preprocess as ImageReward's ReFL code does (METHOD.md): bicubic resize of the
 shorter side to the model's ``image_size`` (224 for every real CLIP), centre crop, CLIP mean/std,
@@ -395,6 +401,90 @@ def _dfe(clip: str | CLIPConfig | CLIPModel = "tiny", alpha: float = 1.0, score:
 
 
 CLIP_REWARDS = ("clip_score", "pickscore", "clipscore", "dfe")  # the rewards a CLIP model computes
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference-model rewards: HPS v2 and ImageReward
+# ---------------------------------------------------------------------------------------------
+
+# The rewards read from one checkpoint file, and the architecture each assumes when none is named
+# (the file's shapes do not fix it): an OpenCLIP model name for HPS, a BLIP vision preset for ImageReward.
+REWARD_MODELS = {"hps": "ViT-H-14", "imagereward": "large"}
+
+
+def reward_archs(name: str) -> tuple[str, ...]:
+    """The architecture names ``load_reward_checkpoint(name, ..., arch)`` accepts, read at call
+    time so that architectures registered later (``OPEN_CLIP_ARCHS``, ``VISION_PRESETS``) count."""
+    if name == "hps":
+        from safe_jax.io.open_clip import OPEN_CLIP_ARCHS
+
+        return tuple(OPEN_CLIP_ARCHS)
+    if name == "imagereward":
+        from safe_jax.models.blip import VISION_PRESETS
+
+        return tuple(VISION_PRESETS)
+    raise SafeJaxError(f"reward '{name}' is not read from a checkpoint (those are: {', '.join(REWARD_MODELS)})")
+
+
+@register_reward("hps")
+def _hps(model: str | CLIPConfig | CLIPModel = "tiny", *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+         attention_impl: Any = None, remat_policy: str | None = None) -> Reward:
+    from safe_jax.eval.hps import HPSReward  # lazily: the eval package imports this module
+
+    return HPSReward(_clip_model(model, dtype, param_dtype, attention_impl, remat_policy))
+
+
+@register_reward("imagereward")
+def _imagereward(model: Any = "tiny", *, antialias: bool = True, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, attention_impl: Any = None,
+                 remat_policy: str | None = None) -> Reward:
+    """``model``: an ``ImageRewardModel``, an ``ImageRewardConfig`` or a preset name (random
+    weights from ``init_params``; ``load_reward_checkpoint`` reads real ones)."""
+    from safe_jax.io.image_reward import ImageRewardReward
+    from safe_jax.models import blip
+
+    if not isinstance(model, blip.ImageRewardModel):
+        config = blip.preset(model) if isinstance(model, str) else model
+        if not isinstance(config, blip.ImageRewardConfig):
+            raise SafeJaxError("imagereward: model must be a preset name, an ImageRewardConfig or an "
+                               f"ImageRewardModel, got {type(model).__name__}")
+        model = blip.ImageRewardModel(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                                      remat_policy=remat_policy)
+    return ImageRewardReward(model, antialias=antialias)
+
+
+def load_reward_checkpoint(name: str, checkpoint: str | Path, arch: str = "", **kwargs: Any
+                           ) -> tuple[Reward, Params, Callable[[str], dict[str, np.ndarray]]]:
+    """(reward, params, text) of an HPS v2 / ImageReward checkpoint file.
+
+    ``arch`` ("" for ``REWARD_MODELS``' default) names what the file's shapes leave open.
+    ``text`` turns one caption into the reward's own token arrays (``reward_input_ids``, and
+    ``reward_attention_mask`` for ImageReward): the input pipeline adds them to every record,
+    because the SD tokenizer's ids differ from what these models were trained on (BERT's
+    vocabulary for ImageReward; for HPS, OpenCLIP's caption cleaning, and no subject prefix).
+    ``kwargs`` go to the loader (``load_hps`` / ``load_image_reward``: dtype, attention_impl, ...).
+    """
+    if name not in REWARD_MODELS:
+        raise SafeJaxError(f"load_reward_checkpoint: '{name}' is not read from a checkpoint "
+                           f"(those are: {', '.join(REWARD_MODELS)})")
+    arch = arch or REWARD_MODELS[name]
+    if name == "hps":
+        from safe_jax.eval import hps
+
+        model, params = hps.load_hps(checkpoint, arch, **kwargs)
+        return make_reward("hps", model=model), params, hps.HPSText(model.config.text.max_position_embeddings)
+    from safe_jax.io import image_reward
+
+    model, params, tokenizer = image_reward.load_image_reward(checkpoint, vision=arch, **kwargs)
+    return make_reward("imagereward", model=model), params, image_reward.ImageRewardText(tokenizer)
+
+
+def text_batch(text: Callable[[str], Mapping[str, Any]] | None, captions: Sequence[str]) -> dict[str, np.ndarray]:
+    """A reward's ``text`` transform over ``captions``, stacked into batch arrays ({} without one)."""
+    if text is None:
+        return {}
+    rows = [text(caption) for caption in captions]
+    return {key: np.stack([np.asarray(row[key]) for row in rows]) for key in (rows[0] if rows else {})}
 
 
 def load_clip_reward(folder: str | Path, name: str = "clip_score", *, dtype: Any = jnp.float32,

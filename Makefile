@@ -32,6 +32,7 @@ bench: install
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/subjects_throughput.py
 	$(PY) benchmarks/train_step_vs_torch.py
+	$(PY) benchmarks/eval_throughput.py
 
 # The reference environment (.refenv): the metrics' own PyTorch code (open_clip, ImageReward,
 # clean-fid, torchmetrics), which needs torchvision and so cannot live in .venv. Only

@@ -147,10 +147,9 @@ def _ours_hps(args) -> float:
 
     from safe_jax.eval import hps
     from safe_jax.io.clip_folder import init_params
-    from safe_jax.io.open_clip import clip_config
-    from safe_jax.models.clip_vision import CLIPModel
+    from safe_jax.models.clip_vision import PRESETS, CLIPModel
 
-    model = CLIPModel(clip_config("ViT-H-14"))
+    model = CLIPModel(PRESETS["clip-vit-h-14"])  # open_clip's ViT-H-14 (HPS v2) in transformers' layout
     params = init_params(model, 0)
     rng = np.random.default_rng(0)
     pixels = rng.standard_normal((args.batch, 224, 224, 3)).astype(np.float32)

@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # torchvision), used only as a data file for the `tiny` preset's tokenizer.
 VOCAB_SPEC ?= open-clip-torch==3.3.0
 
-.PHONY: install demo test bench clean reference-fixtures
+.PHONY: install demo test bench clean reference-fixtures world world-quick
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,24 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(VENV)/bin/safe-jax demo --out out/demo
+
+# The synthetic world's own Stable Diffusion, trained from scratch by our code on this machine's
+# CPUs: VAE, reward CLIP (its text tower becomes the text encoder), judge CLIP (evaluation only),
+# then the UNet, which reads the first two's exports. About 1 h 45 min on 2 cores. Every run
+# resumes from its latest checkpoint, and one that finished is skipped, so an interrupted
+# `make world` continues where it stopped. Results in runs/world/<model>/: export/, loss.png,
+# samples/, metrics.jsonl, summary.json. The diffusers folder is runs/world/unet/export.
+# WORLD_ARGS reach every run (e.g. WORLD_ARGS="--config.data.prefetch=4").
+WORLD_ARGS ?=
+WORLD_MODELS := world_vae world_clip_reward world_clip_judge world_unet
+
+world: install
+	$(foreach m,$(WORLD_MODELS),$(VENV)/bin/safe-jax pretrain --config launch/configs/$(m).py $(WORLD_ARGS) &&) true
+
+# The same four at 20 steps each (a few minutes, mostly compiling): does the chain work here?
+# Writes runs/world/*_quick/.
+world-quick: install
+	$(foreach m,$(WORLD_MODELS),$(VENV)/bin/safe-jax pretrain --config launch/configs/$(m).py:quick $(WORLD_ARGS) &&) true
 
 test: install
 	$(PY) -m pytest -n 2 -q tests

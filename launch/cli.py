@@ -12,6 +12,7 @@ COMMANDS = {
     "export": "Write a model as a diffusers folder (safetensors, fp32 or fp16).",
     "subjects": "Find the key visual subjects of news captions (LLM or offline) as JSONL.",
     "train": "SAFE domain fine-tuning (denoising + ReFL) from a config; resumes, checkpoints, exports.",
+    "pretrain": "Train the synthetic world's VAE, CLIPs and UNet from scratch (launch/configs/world_*.py).",
 }
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from ml_collections import config_flags
 
 from launch.cli_errors import one_line_errors
 from launch.console import log_to_console
-
 
 
 class _Flags:
@@ -85,6 +83,8 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax pretrain") -> int:
         print(f"{prog}: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
         return 130
     except Exception as e:
+        from launch.train import _save_traceback  # the one traceback.log writer
+
         where = _save_traceback(Path(config.workdir))
         if os.environ.get("SAFE_JAX_TRACEBACK"):
             traceback.print_exc()
@@ -141,17 +141,6 @@ def _check(config, stop_at: int | None) -> str | None:
     if stop_at is not None and not 1 <= stop_at <= steps:
         return f"--stop-at must be in [1, config.steps = {steps}], got {stop_at}"
     return None
-
-
-def _save_traceback(workdir: Path) -> Path | None:
-    path = workdir / "traceback.log"
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n{traceback.format_exc()}\n")
-    except OSError:
-        return None
-    return path
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from safe_jax.errors import SafeJaxError
 from safe_jax.pretrain.data import HELD_OUT_SEED
+from safe_jax.train.config_check import (
+    _check_writable,  # the workdir probe training uses
+)
 
 Check = Callable[[Any], "str | None"]  # None when the value is good, else what is wrong
 
@@ -151,26 +153,10 @@ def validate(config: Any) -> None:
         if problem:
             raise SafeJaxError(f"config.{path} {problem}")
     {"vae": _vae, "clip": _clip, "unet": _unet}[task](fields.get)
-    _writable("config.workdir", fields["workdir"])
+    _check_writable("config.workdir", fields["workdir"])
     if fields["export.dir"]:
-        _writable("config.export.dir", fields["export.dir"])
+        _check_writable("config.export.dir", fields["export.dir"])
 
-
-def _writable(field: str, path: str) -> None:
-    """A folder that exists and takes a new file, or can be created (probed with a real write)."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise SafeJaxError(f"{field}: {p} exists and is not a folder")
-    probe = p
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise SafeJaxError(f"{field}: cannot create {p}: {probe} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise SafeJaxError(f"{field}: cannot write to {p} ({probe}: {e.strerror})") from None
 
 
 def _groups(c: Callable[[str], Any], channels: list[int]) -> None:

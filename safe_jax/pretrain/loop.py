@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -75,17 +74,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: floa
     def step(state: TrainState, frozen: dict, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, key)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        ema = state.ema
-        if ema is not None:
-            ema = keep(jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params), ema)
-        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=state.rng), metrics
+        return train_step.apply_gradients(state, loss, grads, metrics, tx, ema_decay)
 
     return step
 

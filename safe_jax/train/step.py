@@ -192,19 +192,27 @@ def make_train_step(model: DiffusionModel, conditioner: TextConditioner, cfg: St
             return jax.lax.cond(state.step % 2 == 1, only(refl, m_den), only(denoising, m_refl), unet_params)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        ema = state.ema
-        if ema is not None and cfg.ema_decay is not None:
-            ema = keep(jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params), ema)
-        metrics.update(loss=loss, grad_norm=grad_norm, finite=finite)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=state.rng), metrics
+        return apply_gradients(state, loss, grads, metrics, tx, cfg.ema_decay)
 
     return step
+
+
+def apply_gradients(state: TrainState, loss: jax.Array, grads: Any, metrics: dict, tx: optax.GradientTransformation,
+                    ema_decay: float | None) -> tuple[TrainState, dict]:
+    """The update every training step ends with (SAFE fine-tuning and pretraining alike): ``tx`` on
+    ``grads``, the EMA, and ``loss``, ``grad_norm`` and ``finite`` added to ``metrics``. A non-finite
+    loss or gradient leaves parameters, optimizer state and EMA as they were."""
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    ema = state.ema
+    if ema is not None and ema_decay is not None:
+        ema = keep(jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params), ema)
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=state.rng), metrics
 
 
 def compile_train_step(step_fn, state: TrainState, frozen: dict, batch: dict, mesh) -> Any:

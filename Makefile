@@ -29,13 +29,16 @@ demo: install
 # then the UNet, which reads the first two's exports. About 1 h 45 min on 2 cores. Every run
 # resumes from its latest checkpoint, and one that finished is skipped, so an interrupted
 # `make world` continues where it stopped. Results in runs/world/<model>/: export/, loss.png,
-# samples/, metrics.jsonl, summary.json. The diffusers folder is runs/world/unet/export.
+# samples/, metrics.jsonl, summary.json. The diffusers folder is runs/world/unet/export; the last
+# step copies the three exports into safe_jax/weights/ as the presets tiny-anchor, tiny-anchor-reward
+# and tiny-anchor-judge (launch/ship_world.py).
 # WORLD_ARGS reach every run (e.g. WORLD_ARGS="--config.data.prefetch=4").
 WORLD_ARGS ?=
 WORLD_MODELS := world_vae world_clip_reward world_clip_judge world_unet
 
 world: install
 	$(foreach m,$(WORLD_MODELS),$(VENV)/bin/safe-jax pretrain --config launch/configs/$(m).py $(WORLD_ARGS) &&) true
+	$(PY) -m launch.ship_world
 
 # The same four at 20 steps each (a few minutes, mostly compiling): does the chain work here?
 # Writes runs/world/*_quick/.

@@ -1,7 +1,7 @@
 """Records per second building ``anchor/default`` from each manual-directory layout, and peak memory.
 
-Writes the same synthetic news-like records (JPEG photos, captions, subjects, ids naming their
-source) in each of the five layouts the builder reads (anchor.jsonl, the authors' split folders,
+Writes the same records of the synthetic news world (JPEGs with film grain, photo-sized; captions,
+subjects, ids naming their source) in each of the five layouts the builder reads (anchor.jsonl, the authors' split folders,
 imagefolder, parquet with embedded images, webdataset tar shards), then builds each in a fresh
 process and prints wall time, records/s and the process's peak RSS. Run it at two sizes to see
 that memory does not grow with the number of records. TFDS itself holds up to 1 GB of encoded
@@ -35,14 +35,14 @@ FOLDER = {"train": "train", "validation": "val", "test": "test"}
 
 
 def records(n: int, size: tuple[int, int]) -> list[dict]:
-    from tfds_anchor.anchor import synthetic
+    from tfds_anchor.anchor import synthetic, world_records
     from tfds_anchor.anchor.records import hash_split
 
     out = []
-    for i, r in enumerate(synthetic.pairs(n, seed=1, size=size)):
+    for i, r in enumerate(world_records.pairs(n, seed=1, size=size, portrait_every=5)):
         rid = f"{i:06d}{SUFFIXES[i % len(SUFFIXES)]}"
         out.append({"id": rid, "caption": r.caption, "subjects": r.subjects, "split": hash_split(rid),
-                    "image": r.image_bytes})
+                    "image": synthetic.with_grain(r.image_bytes, (1, i))})
     return out
 
 

@@ -19,7 +19,17 @@ from pathlib import Path
 
 from launch.cli_errors import ArgumentParser, float_in, int_at_least, multiple_of, one_line_errors, output_dir
 
-PRESETS = ("tiny", "sd15", "sd21", "sd21-base")
+
+
+def _checkpoint(text: str) -> Path:
+    """A metric model: a path, or a shipped preset's name (tiny-anchor-judge, tiny-anchor-reward)."""
+    from safe_jax.errors import SafeJaxError
+    from safe_jax.io import presets
+
+    try:
+        return Path(presets.resolve(text))
+    except SafeJaxError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _seeds(text: str) -> list[int]:
@@ -51,20 +61,22 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
 
     p = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH_OR_PRESET",
-                   help="a diffusers folder or a preset (tiny, sd15, sd21, sd21-base); repeat to compare; "
+                   help="a diffusers folder or a preset (tiny-anchor: trained; tiny, sd15, sd21, sd21-base: random "
+                        "weights); repeat to compare; "
                         "NAME names its row (default: the folder's name)")
     p.add_argument("--prompts", required=True,
                    help="a JSONL file ({id, caption, subjects?, image?} per line) or a TFDS split NAME:SPLIT, "
                         "e.g. anchor/sample:test")
     p.add_argument("--metrics", type=_choices_list(tuple(METRICS)), default=None,
                    help=f"comma-separated, from {', '.join(METRICS)} (default: every metric whose model flag is given)")
-    m = p.add_argument_group("metric models (local folders or files; nothing is downloaded)")
-    m.add_argument("--clip", type=Path, help="a CLIPModel folder: clipscore and subject_recall")
-    m.add_argument("--fid-clip", type=Path, help="OpenAI CLIP ViT-B/32 CLIPModel folder: fid_clip (clean-fid's clip_vit_b_32)")
-    m.add_argument("--pickscore", type=Path, help="the PickScore_v1 CLIPModel folder")
+    m = p.add_argument_group("metric models (local folders or files, or the shipped tiny-anchor-judge / "
+                             "tiny-anchor-reward; nothing is downloaded)")
+    m.add_argument("--clip", type=_checkpoint, help="a CLIPModel folder: clipscore and subject_recall")
+    m.add_argument("--fid-clip", type=_checkpoint, help="OpenAI CLIP ViT-B/32 CLIPModel folder: fid_clip (clean-fid's clip_vit_b_32)")
+    m.add_argument("--pickscore", type=_checkpoint, help="the PickScore_v1 CLIPModel folder")
     m.add_argument("--hps", type=Path, help="HPS_v2_compressed.pt or HPS_v2.1_compressed.pt (open_clip ViT-H-14)")
     m.add_argument("--imagereward", type=Path, help="ImageReward.pt (with med_config.json and a BERT tokenizer folder beside it)")
-    m.add_argument("--cmmd-clip", type=Path, help="CLIP ViT-L/14@336 CLIPModel folder: cmmd")
+    m.add_argument("--cmmd-clip", type=_checkpoint, help="CLIP ViT-L/14@336 CLIPModel folder: cmmd")
     m.add_argument("--hps-arch", default="ViT-H-14", choices=sorted(OPEN_CLIP_ARCHS),
                    help="the OpenCLIP architecture of --hps (HPS v2 and v2.1: ViT-H-14)")
     m.add_argument("--imagereward-vision", default="large", choices=sorted(VISION_PRESETS),
@@ -97,7 +109,9 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
 
 
 def _rows(p: ArgumentParser, specs: list[str], modes: list[str]):
+    from safe_jax.errors import SafeJaxError
     from safe_jax.eval.generation import Row
+    from safe_jax.io import presets
 
     models, names = [], set()
     for spec in specs:
@@ -106,10 +120,15 @@ def _rows(p: ArgumentParser, specs: list[str], modes: list[str]):
             name, model = "", spec
         if not model:
             p.error(f"argument --model: empty path in {spec!r}")
-        if model not in PRESETS:
-            path = Path(model)
+        try:
+            folder = presets.resolve(model)
+        except SafeJaxError as e:
+            p.error(f"argument --model: {e}")
+        if folder not in presets.PRESETS:
+            path = Path(folder)
             if not path.is_dir():
-                p.error(f"argument --model: {model} is neither a folder nor a preset ({', '.join(PRESETS)})")
+                p.error(f"argument --model: {model} is neither a folder nor a preset "
+                        f"(tiny-anchor, {', '.join(presets.PRESETS)})")
             if not (path / "model_index.json").is_file():
                 p.error(f"argument --model: {model} has no model_index.json (not a diffusers pipeline folder)")
         name = name or Path(model).name

@@ -103,11 +103,13 @@ def test_same_config_same_batches_and_epochs_reshuffle(data_dir, tokenizer):
     assert_same(take(make_iterator(cfg, tokenizer, shard=(0, 1)), 3), take(make_iterator(cfg, tokenizer, shard=(0, 1)), 3))
     other = take(make_iterator(config(data_dir, batch_size=8, seed=1), tokenizer, shard=(0, 1)), 1)[0]
     assert not np.array_equal(other["image_id"], take(make_iterator(cfg, tokenizer, shard=(0, 1)), 1)[0]["image_id"])
-    # two epochs of 276 records: each a permutation of the split, in a different order
+    # two epochs of the split: each a permutation of it, in a different order
+    n = len(data_source("anchor/sample", "train", data_dir))
+    assert 2 * n % 12 == 0  # whole batches of 12, so no record of the second epoch is dropped
     ids = np.concatenate([b["image_id"] for b in make_iterator(config(data_dir, batch_size=12, num_epochs=2,
                                                                         resolution=8), tokenizer, shard=(0, 1))])
-    assert len(ids) == 552 and set(ids[:276]) == set(ids[276:]) and len(set(ids[:276])) == 276
-    assert list(ids[:276]) != list(ids[276:])
+    assert len(ids) == 2 * n and set(ids[:n]) == set(ids[n:]) and len(set(ids[:n])) == n
+    assert list(ids[:n]) != list(ids[n:])
 
 
 def test_shards_are_disjoint_and_cover_the_epoch(data_dir, tokenizer):
@@ -115,9 +117,10 @@ def test_shards_are_disjoint_and_cover_the_epoch(data_dir, tokenizer):
     for index in range(3):
         cfg = config(data_dir, batch_size=1, num_epochs=1, resolution=8, drop_remainder=False)
         seen.append([bytes(b["image_id"][0]) for b in make_iterator(cfg, tokenizer, shard=(index, 3))])
-    assert [len(s) for s in seen] == [92, 92, 92]
+    n = len(data_source("anchor/sample", "train", data_dir))
+    assert [len(s) for s in seen] == [len(range(index, n, 3)) for index in range(3)]
     assert set(seen[0]).isdisjoint(seen[1]) and set(seen[1]).isdisjoint(seen[2]) and set(seen[0]).isdisjoint(seen[2])
-    assert len(set().union(*seen)) == 276
+    assert len(set().union(*seen)) == n
     # the global stream does not depend on the number of hosts: host i of n takes positions i, i+n, ...
     single = [bytes(b["image_id"][0]) for b in make_iterator(
         config(data_dir, batch_size=1, num_epochs=1, resolution=8), tokenizer, shard=(0, 1))]
@@ -127,7 +130,8 @@ def test_shards_are_disjoint_and_cover_the_epoch(data_dir, tokenizer):
 def test_resume_in_process_is_exact(data_dir, tokenizer):
     cfg = config(data_dir, batch_size=8, num_epochs=None)
     it = make_iterator(cfg, tokenizer, shard=(0, 1))
-    take(it, 40)  # past the first epoch (34.5 batches): the state must carry the epoch too
+    assert 40 * 8 > len(data_source("anchor/sample", "train", data_dir))
+    take(it, 40)  # past the first epoch (270 records: 33.75 batches): the state must carry the epoch too
     state = it.get_state()
     expected = take(it, 6)
     resumed = make_iterator(cfg, tokenizer, shard=(0, 1))

@@ -242,3 +242,27 @@ def test_clip_features_batches_agree(tiny_clip):
     np.testing.assert_allclose(np.linalg.norm(features.image_embeds(pixels), axis=1), 1.0, rtol=1e-6)
     with pytest.raises(SafeJaxError, match="pixels"):
         features.image_features(pixels[:, :16])
+
+
+def test_world_recall_finds_the_subjects_of_real_world_pictures_and_none_in_noise():
+    """The ground-truth metric: the world's own pictures score high, noise scores zero, subjects the
+    world never draws are not judged, and the identity follows the detector's code."""
+    from safe_jax.eval.metrics import check_prompts, make_metric
+    from safe_jax.eval.prompts import EvalPrompt, Subject
+    from tfds_anchor.anchor import world
+
+    examples = [world.example(5, i, 64) for i in range(12)]
+    prompts = [EvalPrompt(f"p{i}", e["caption"], tuple(Subject(s["text"], s["kind"]) for s in e["subjects"]))
+               for i, e in enumerate(examples)]
+    metric = make_metric("world_recall", {})
+    assert metric.identity.startswith("world_recall:v1:") and metric.checkpoint is None
+    real = metric.score([e["image"] for e in examples], prompts)
+    assert np.mean([r["world_recall"] for r in real]) >= 0.8
+    assert all(0.0 <= v <= 1.0 for r in real for v in r.values())
+    assert any(k.startswith("world_recall.") for r in real for k in r)
+    noise = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+    assert all(r["world_recall"] == 0.0 for r in metric.score(list(noise), prompts))
+    unknown = [EvalPrompt("x", "Reporters wait.", (Subject("reporters"),))]
+    assert metric.score([examples[0]["image"]], unknown) == [{}]
+    with pytest.raises(SafeJaxError, match="no prompt names one"):
+        check_prompts(["world_recall"], unknown)

@@ -1,4 +1,5 @@
-"""The ANCHOR TFDS builder without TensorFlow: sample and manual-dir builds, bad input, the report."""
+"""The ANCHOR TFDS builder without TensorFlow: sample (the synthetic world) and manual-dir builds,
+ground truth, bad input, the report."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from tfds_anchor.anchor import images, manual, synthetic  # noqa: E402
+from tfds_anchor.anchor import images, manual, synthetic, world, world_records  # noqa: E402
 from tfds_anchor.anchor.anchor_dataset_builder import AnchorConfig, Builder  # noqa: E402
 from tfds_anchor.anchor.build_report import BuildReport, NoRecordKept, read_report  # noqa: E402
 from tfds_anchor.anchor.sources import normalise_source  # noqa: E402
@@ -68,7 +69,8 @@ def test_build_and_read_without_tensorflow(tmp_path):
             ex = source[0]
             out[name] = dict(n={{s: len(tfds.data_source(name, split=s, data_dir={str(tmp_path / "data")!r}))
                                 for s in ("train", "validation", "test")}},
-                             image=list(ex["image"].shape), files=sorted(p.name for p in builder.data_path.iterdir()))
+                             image=list(ex["image"].shape), ground_truth=ex["ground_truth"].decode(),
+                             files=sorted(p.name for p in builder.data_path.iterdir()))
         try:
             import tensorflow
             out["tensorflow_importable"] = True
@@ -82,8 +84,10 @@ def test_build_and_read_without_tensorflow(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert out["tensorflow_importable"] is False and out["tensorflow_loaded"] == []
-    assert out["anchor/sample"]["n"] == {"train": 276, "validation": 10, "test": 14}
+    assert out["anchor/sample"]["n"] == {"train": 270, "validation": 12, "test": 18}
     assert out["anchor/default"]["n"] == {"train": 5, "validation": 2, "test": 2}
+    assert json.loads(out["anchor/sample"]["ground_truth"])["subjects"]  # the world's truth travels with it
+    assert out["anchor/default"]["ground_truth"] == ""  # real records have none
     for name in ("anchor/sample", "anchor/default"):
         assert out[name]["image"][2] == 3
         assert "build_report.json" in out[name]["files"]
@@ -267,10 +271,12 @@ def test_csv_manual_dir_and_entity_config(tmp_path):
     root = tmp_path / "manual"
     (root / "images").mkdir(parents=True)
     rows = []
-    for r in synthetic.pairs(12, seed=3):
+    for r in world_records.pairs(12, seed=3):
         (root / "images" / f"{r.id}.jpg").write_bytes(r.image_bytes)
         subjects = json.dumps(r.subjects) if len(rows) % 2 else "; ".join(r.subjects)
-        rows.append([r.id, r.caption, r.source, f"images/{r.id}.jpg", subjects, r.entity, "train"])
+        # Every world picture shows a named person; a third of the rows name one as ANCHOR Entity does.
+        entity = r.entity if len(rows) % 3 == 0 else ""
+        rows.append([r.id, r.caption, r.source, f"images/{r.id}.jpg", subjects, entity, "train"])
     import csv
 
     with open(root / "anchor.csv", "w", newline="") as f:
@@ -307,7 +313,7 @@ def test_build_keeping_no_record_fails_naming_the_reasons(tmp_path, capsys, capl
     message = str(e.value)
     assert isinstance(e.value, ValueError) and "\n" not in message
     assert message.startswith(f"anchor/default: no record kept from {root}: 30 records were skipped for missing_id")
-    failed = data_dir / "anchor" / "default" / "build_report-1.0.0-failed.json"
+    failed = data_dir / "anchor" / "default" / f"build_report-{Builder.VERSION}-failed.json"
     assert str(failed) in message and json.loads(failed.read_text())["skipped"] == {"missing_id": 30}
     assert not builder.data_path.exists()  # nothing claims to be prepared
     assert sorted(p.name for p in failed.parent.iterdir()) == [failed.name]  # no incomplete.* left either
@@ -317,7 +323,7 @@ def test_build_keeping_no_record_fails_naming_the_reasons(tmp_path, capsys, capl
     # stale failure report is gone.
     (root / "images").mkdir()
     lines = []
-    for r in synthetic.pairs(3, seed=1):
+    for r in world_records.pairs(3, seed=1):
         (root / "images" / f"{r.id}.jpg").write_bytes(r.image_bytes)
         lines.append(json.dumps({"id": r.id, "caption": r.caption, "image": f"images/{r.id}.jpg", "split": "train"}))
     (root / "anchor.jsonl").write_text("\n".join(lines) + "\n")
@@ -382,10 +388,84 @@ def test_sources_splits_and_report_helpers():
     assert report.to_json()["skipped"] == {"tiny_image": 1}
 
 
-def test_sample_is_deterministic_and_names_its_subjects():
-    a, b = list(synthetic.pairs(30, seed=0)), list(synthetic.pairs(30, seed=0))
-    assert [r.image_bytes for r in a] == [r.image_bytes for r in b]
-    assert len({r.caption for r in a}) > 20
-    for r in a:
-        assert r.subjects and all(s in r.caption for s in r.subjects)
-        assert Image.open(io.BytesIO(r.image_bytes)).size in ((192, 128), (128, 192))
+def test_sample_is_the_world_with_its_ground_truth(tmp_path):
+    """Every stored sample record is world record (seed 0, index): its caption and scene as drawn
+    from those alone, its split the combination's, its ground truth JSON naming its subjects."""
+    builder = tfds.builder("anchor/sample", data_dir=str(tmp_path / "data"))
+    builder.download_and_prepare()
+    counts = {}
+    for split in ("train", "validation", "test"):
+        source = builder.as_data_source(split=split)
+        counts[split] = len(source)
+        for ex in source:
+            truth = json.loads(ex["ground_truth"].decode())
+            subjects = [s.decode() for s in ex["subjects"]]
+            caption = ex["caption"].decode()
+            assert subjects and subjects == [s["text"] for s in truth["subjects"]]
+            assert all(caption[s["start"]:s["end"]] == s["text"] for s in truth["subjects"])
+            assert {s["kind"] for s in truth["subjects"]} <= {"person", "place", "other"}
+            assert split == world.combination_split(truth["spec"])
+            assert ex["image"].shape == (128, 128, 3) and truth["size"] == [128, 128]  # square, no portraits
+            index = int(ex["image_id"].decode().removeprefix("world-0-"))
+            drawn = world.example(0, index, 128)
+            assert drawn["caption"] == caption and drawn["spec"] == truth["spec"] and drawn["split"] == split
+    assert counts == {"train": 270, "validation": 12, "test": 18} == world_records.split_counts(300, 0)
+    held_out = [world.combination(json.loads(ex["ground_truth"])["spec"])
+                for split in ("validation", "test") for ex in builder.as_data_source(split=split)]
+    trained = {world.combination(json.loads(ex["ground_truth"])["spec"]) for ex in builder.as_data_source(split="train")}
+    assert held_out and not trained & set(held_out)  # held-out captions name combinations never trained on
+    # The evaluation's prompts take each subject's kind from the truth, for per-kind subject recall.
+    from safe_jax.eval.prompts import read_prompts_tfds
+
+    prompts = read_prompts_tfds("anchor/sample:test", str(tmp_path / "data"))
+    truths = {ex["image_id"].decode(): json.loads(ex["ground_truth"]) for ex in builder.as_data_source(split="test")}
+    assert len(prompts) == 18
+    for p in prompts:
+        assert [(s.text, s.kind) for s in p.subjects] == [(s["text"], s["kind"]) for s in truths[p.id]["subjects"]]
+    assert {s.kind for p in prompts for s in p.subjects} == {"person", "place", "other"}
+
+
+def test_synthetic_config_and_a_small_world_with_portraits(tmp_path):
+    """``synthetic`` is the same world, larger (not built here: 20,000 records); a config of the
+    same subset with few records builds, streams its splits and turns every fifth picture portrait."""
+    configs = {c.name: c for c in Builder.BUILDER_CONFIGS}
+    big, sample = configs["synthetic"], configs["sample"]
+    assert (big.subset, big.synthetic_examples, big.synthetic_size, big.synthetic_seed, big.synthetic_portrait_every) \
+        == ("synthetic", 20_000, (128, 128), 0, 0)
+    assert (sample.subset, sample.synthetic_examples, sample.synthetic_size, sample.synthetic_portrait_every) \
+        == ("synthetic", 300, (128, 128), 0)
+    assert "pretraining" in big.description
+    config = AnchorConfig(name="world40", subset="synthetic", synthetic_examples=40, synthetic_size=(96, 64),
+                          synthetic_seed=5, synthetic_portrait_every=5, min_side=32)
+    builder = Builder(config=config, data_dir=str(tmp_path / "data"))
+    builder.download_and_prepare()
+    expected = world_records.split_counts(40, 5)
+    assert {s: len(builder.as_data_source(split=s)) for s in builder.info.splits} == expected
+    shapes = {}
+    for split in expected:
+        for ex in builder.as_data_source(split=split):
+            shapes[int(ex["image_id"].decode().split("-")[-1])] = ex["image"].shape
+            assert json.loads(ex["ground_truth"])["size"] == [ex["image"].shape[1], ex["image"].shape[0]]
+    assert sorted(shapes) == list(range(40))
+    assert all(shape == ((96, 64, 3) if i % 5 == 0 else (64, 96, 3)) for i, shape in shapes.items())
+    assert read_report(builder.data_path)["records_read"] == 40
+    with pytest.raises(ValueError, match="synthetic_portrait_every"):
+        AnchorConfig(name="bad", subset="synthetic", synthetic_portrait_every=-1)
+
+
+def test_manual_dir_of_the_world_builds_without_ground_truth(tmp_path):
+    """A manual directory (as real ANCHOR is read) stores ground_truth "": the truth is the world's
+    alone, and a directory of world pictures is read as any other."""
+    rows = synthetic.write_manual_dir(tmp_path / "manual", 12, seed=2, subjects=True, entities=False)
+    assert len(rows) == 12 and not any("entity" in row or "split" in row for row in rows)
+    builder = Builder(config=AnchorConfig(name="from_files", subset="non_entity", min_side=32),
+                      data_dir=str(tmp_path / "data"))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual")))
+    given = {row["id"]: row for row in rows}
+    stored = [ex for split in builder.info.splits for ex in builder.as_data_source(split=split)]
+    assert sorted(ex["image_id"].decode() for ex in stored) == sorted(given)
+    for ex in stored:
+        row = given[ex["image_id"].decode()]
+        assert ex["ground_truth"] == b"" and ex["entity"] == b""
+        assert ex["caption"].decode() == row["caption"] and [s.decode() for s in ex["subjects"]] == row["subjects"]
+    assert {ex["image"].shape for ex in stored} == {(128, 192, 3), (192, 128, 3)}  # one in five portrait

@@ -3,6 +3,7 @@ and the ``tfds build`` command line. Skipped where TensorFlow is not installed (
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,7 +44,8 @@ def test_tfds_load_reads_array_record_into_tf_data(tmp_path, offline_env):
     source = tfds.data_source("anchor/sample", split="train[:10]", data_dir=str(tmp_path))
     assert {e["image_id"] for e in examples} == {source[i]["image_id"] for i in range(10)}
     batch = next(iter(tfds.load("anchor/sample", split="test", data_dir=str(tmp_path), batch_size=3)))
-    assert batch["caption"].shape == (3,)
+    assert batch["caption"].shape == (3,) and batch["ground_truth"].shape == (3,)
+    assert all(json.loads(truth)["subjects"] for truth in batch["ground_truth"].numpy())
 
 
 def test_tfds_build_command_line(tmp_path):
@@ -59,7 +61,9 @@ def test_tfds_build_command_line(tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "anchor/default: read 15 records, kept 9" in proc.stdout
-    built = tmp_path / "data" / "anchor" / "default" / "1.0.0"
+    from tfds_anchor.anchor.anchor_dataset_builder import Builder
+
+    built = tmp_path / "data" / "anchor" / "default" / str(Builder.VERSION)
     assert (built / "build_report.json").is_file()
     # The path printed is the final one (not the temporary incomplete.* directory) and exists.
     printed = proc.stdout.split("build report: ", 1)[1].splitlines()[0]

@@ -184,7 +184,7 @@ def examples(builder: Builder) -> dict[str, dict]:
             out[ex["image_id"].decode()] = {
                 "split": split, "caption": ex["caption"].decode(), "source": names[ex["source"]],
                 "subjects": [s.decode() for s in ex["subjects"]], "entity": ex["entity"].decode(),
-                "image": ex["image"].tobytes(),
+                "ground_truth": ex["ground_truth"].decode(), "image": ex["image"].tobytes(),
             }
     return out
 
@@ -207,6 +207,7 @@ def test_every_layout_builds_the_same_examples(tmp_path):
     for layout, got in built.items():
         fields = {i: {k: e[k] for k in ("split", "caption", "subjects", "source")} for i, e in got.items()}
         assert fields == expected, layout
+        assert all(e["ground_truth"] == "" for e in got.values()), layout  # real records carry no truth
         assert got == built["anchor"], f"{layout} differs from the anchor layout"
     image = np.asarray(Image.open(io.BytesIO(records[0]["image"])))
     assert built["parquet"][records[0]["id"]]["image"] == image.tobytes()  # stored as given (pass-through)

@@ -166,6 +166,19 @@ def test_records_carry_pictures_subjects_and_ground_truth():
                                                                       if s["kind"] == "other"}
 
 
+def test_one_split_of_the_records_is_the_same_records_drawn_alone():
+    """A builder streams the world one split at a time: asking for a split gives exactly that
+    split's records of the whole stream, byte for byte, and ``split_counts`` counts them undrawn."""
+    every = list(world_records.pairs(40, seed=0, size=(64, 64), portrait_every=3))
+    counts = world_records.split_counts(40, seed=0)
+    assert sum(counts.values()) == 40 and set(counts) == {"train", "validation", "test"}
+    for split, n in counts.items():
+        alone = list(world_records.pairs(40, seed=0, size=(64, 64), portrait_every=3, split=split))
+        assert len(alone) == n
+        assert [(r.id, r.image_bytes, r.ground_truth) for r in alone] == \
+            [(r.id, r.image_bytes, r.ground_truth) for r in every if r.split == split]
+
+
 def test_held_out_captions_name_new_combinations():
     rng = np.random.default_rng(0)
     seen: dict[str, set[str]] = {"train": set(), "validation": set(), "test": set()}

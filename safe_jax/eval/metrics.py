@@ -6,6 +6,9 @@ Per-image metrics (``score`` → one dict of fields per image):
     hps             cos of HPS v2 / v2.1 (open_clip ViT-H-14) features              (--hps)
     imagereward     ImageReward's normalised BLIP reward                            (--imagereward)
     subject_recall  our subject grounding: recall@1 and MRR per subject, per kind   (--clip)
+    world_recall    the synthetic world's ground truth: the share of a caption's subjects its
+                    detector finds in the picture, overall and per kind (no model: the world's
+                    own drawing rules, ``tfds_anchor.anchor.world_detect``; for anchor/sample)
 Set metrics (``features`` per image, ``distance`` between generated and real sets):
     fid_clip        clean-fid's clip_vit_b_32: Fréchet distance of CLIP ViT-B/32 features (--fid-clip)
     cmmd            MMD (RBF, σ = 10, ×1000) of CLIP ViT-L/14@336 embeddings            (--cmmd-clip)
@@ -24,7 +27,6 @@ import jax
 import numpy as np
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.eval import preprocess as pre
 from safe_jax.eval.prompts import EvalPrompt
 
 # metric → the flag naming its checkpoint (the key of the checkpoints mapping)
@@ -36,6 +38,7 @@ METRICS: dict[str, str] = {
     "imagereward": "imagereward",
     "cmmd": "cmmd_clip",
     "subject_recall": "clip",
+    "world_recall": None,  # no checkpoint: the world's detector
 }
 SET_METRICS = ("fid_clip", "cmmd")
 
@@ -45,7 +48,7 @@ def _flag(key: str) -> str:
 
 
 def default_metrics(checkpoints: Mapping[str, Path | None]) -> list[str]:
-    names = [name for name, key in METRICS.items() if checkpoints.get(key) is not None]
+    names = [name for name, key in METRICS.items() if key is not None and checkpoints.get(key) is not None]
     if not names:
         raise SafeJaxError("no metric to compute: give a metric model (--clip, --fid-clip, --pickscore, --hps, "
                            "--imagereward, --cmmd-clip) and optionally --metrics")
@@ -56,6 +59,8 @@ def check_checkpoints(names: Sequence[str], checkpoints: Mapping[str, Path | Non
     """Every asked metric has its checkpoint, of the right kind: one line naming the flag if not."""
     for name in names:
         key = METRICS[name]
+        if key is None:
+            continue
         path = checkpoints.get(key)
         flag = _flag(key)
         if path is None:
@@ -81,9 +86,17 @@ def check_prompts(names: Sequence[str], prompts: Sequence[EvalPrompt]) -> None:
             if real < 2:
                 raise SafeJaxError(f"metric {name} compares with real images: {real} of {len(prompts)} prompts have "
                                    "an 'image' (a TFDS split has them; a JSONL line needs \"image\")")
-        if name == "subject_recall" and not any(p.subjects for p in prompts):
-            raise SafeJaxError("metric subject_recall needs subjects: none of the prompts has any "
+        if name in ("subject_recall", "world_recall") and not any(p.subjects for p in prompts):
+            raise SafeJaxError(f"metric {name} needs subjects: none of the prompts has any "
                                "(give 'subjects' in the prompts or use --subjects auto)")
+        if name == "world_recall":
+            try:
+                from tfds_anchor.anchor.world_vocab import signature_of
+            except ImportError:
+                raise SafeJaxError("metric world_recall needs the tfds_anchor package (pip install safe-jax[data])") from None
+            if not any(signature_of(s.text) for p in prompts for s in p.subjects or ()):
+                raise SafeJaxError("metric world_recall judges the synthetic world's subjects (anchor/sample), and "
+                                   "no prompt names one")
 
 
 def fingerprint(path: Path) -> str:
@@ -241,6 +254,49 @@ class SubjectRecall(_CLIPMetric):
         return [recall_scores(e, self.sets.get(p.id, []), texts) for e, p in zip(image, prompts)]
 
 
+class WorldRecall(Metric):
+    """Ground-truth subject recall on the synthetic world: per picture, the share of its caption's
+    subjects that the world's own detector finds (a score of at least ``world_detect.THRESHOLD``).
+    Subjects the world never draws ("reporters") are not judged. It needs no learned model, so it
+    cannot be gamed by optimising against one; it is only meaningful for pictures of the world."""
+
+    name = "world_recall"
+
+    def __init__(self, checkpoint=None, batch_size: int = 16):
+        import hashlib
+        import inspect
+
+        from tfds_anchor.anchor import world_detect, world_vocab
+
+        self.checkpoint, self.batch_size = None, batch_size
+        # The detector's own code is its checkpoint: another detector, other cached scores.
+        code = inspect.getsource(world_detect) + inspect.getsource(world_vocab)
+        self.identity = f"{self.name}:v1:{hashlib.sha1(code.encode()).hexdigest()[:16]}"
+
+    def describe(self):
+        from tfds_anchor.anchor import world_detect
+
+        return {"model": "tfds_anchor.anchor.world_detect", "threshold": world_detect.THRESHOLD}
+
+    def score(self, images, prompts):
+        from tfds_anchor.anchor import world_detect
+        from tfds_anchor.anchor.world_vocab import kind_of, signature_of
+
+        out = []
+        for image, prompt in zip(images, prompts):
+            detection = world_detect.detect(image)
+            hits: dict[str, list[float]] = {}
+            for subject in prompt.subjects or ():
+                signature = signature_of(subject.text)
+                if signature is None:
+                    continue
+                hit = float(detection["signatures"][signature] >= world_detect.THRESHOLD)
+                hits.setdefault("world_recall", []).append(hit)
+                hits.setdefault(f"world_recall.{kind_of(signature)}", []).append(hit)
+            out.append({key: float(np.mean(v)) for key, v in hits.items()})
+        return out
+
+
 class FIDCLIP(SetMetric):
     """clean-fid's ``clip_vit_b_32`` mode: unnormalised ViT-B/32 image features, Fréchet distance."""
 
@@ -382,12 +438,14 @@ class ImageReward(Metric):
 
 
 _CLASSES = {"fid_clip": FIDCLIP, "clipscore": CLIPScore, "pickscore": PickScore, "hps": HPS,
-            "imagereward": ImageReward, "cmmd": CMMD, "subject_recall": SubjectRecall}
+            "imagereward": ImageReward, "cmmd": CMMD, "subject_recall": SubjectRecall, "world_recall": WorldRecall}
 
 
 def make_metric(name: str, checkpoints: Mapping[str, Path | None], *, batch_size: int = 16,
                 distractors: int = 9, hps_arch: str = "ViT-H-14", imagereward_vision: str = "large") -> Metric:
     cls = _CLASSES[name]
+    if METRICS[name] is None:
+        return cls(None, batch_size)
     path = checkpoints[METRICS[name]]
     extra = {SubjectRecall: (distractors,), HPS: (hps_arch,), ImageReward: (imagereward_vision,)}.get(cls, ())
     return cls(path, batch_size, *extra)

@@ -175,7 +175,9 @@ def read_prompts_jsonl(path: str | os.PathLike, images_root: str | os.PathLike |
 def read_prompts_tfds(spec: str, data_dir: str | None = None) -> list[EvalPrompt]:
     """Prompts from a TFDS split ``NAME:SPLIT`` (e.g. ``anchor/sample:test``), real images included.
 
-    A subject equal to the record's ``entity`` (ANCHOR Entity's named person) has kind person.
+    A subject equal to the record's ``entity`` (ANCHOR Entity's named person) has kind person. A
+    record of the synthetic world carries its ``ground_truth`` (JSON), which knows every subject's
+    kind: those kinds are taken, so subject recall can be reported per kind there.
     """
     from safe_jax.data.source import as_text, as_texts, data_source
 
@@ -191,13 +193,38 @@ def read_prompts_tfds(spec: str, data_dir: str | None = None) -> list[EvalPrompt
             pid = f"{index:06d}"
         seen.add(pid)
         entity = as_text(record.get("entity", b"")).lower()
-        subjects = tuple(Subject(text, "person" if entity and text.lower() == entity else None)
+        kinds = _ground_truth_kinds(as_text(record.get("ground_truth", b"")))
+        subjects = tuple(Subject(text, kinds.get(text.strip())
+                                 or ("person" if entity and text.lower() == entity else None))
                          for text in as_texts(record.get("subjects")))
         prompts.append(EvalPrompt(pid, as_text(record["caption"]), subjects if "subjects" in record else None,
                                   image_bytes=bytes(record["image"])))
     if not prompts:
         raise SafeJaxError(f"--prompts {spec}: the split is empty")
     return prompts
+
+
+# The world's finer words for places, should its truth use them; any other kind is "other".
+_KIND_ALIASES = {"landmark": "place", "city": "place"}
+
+
+def _ground_truth_kinds(ground_truth: str) -> dict[str, str]:
+    """Subject text -> kind, from a world record's ground truth; {} for real records ("") or
+    truth that does not parse (kinds are then unknown, as for any real record)."""
+    if not ground_truth:
+        return {}
+    try:
+        truth = json.loads(ground_truth)
+    except (json.JSONDecodeError, RecursionError):
+        return {}
+    items = truth.get("subjects") if isinstance(truth, dict) else None
+    kinds: dict[str, str] = {}
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, dict) and isinstance(item.get("text"), str):
+            kind = item.get("kind")
+            kind = _KIND_ALIASES.get(kind, kind) if isinstance(kind, str) else None
+            kinds[item["text"].strip()] = kind if kind in SUBJECT_KINDS else "other"
+    return kinds
 
 
 def read_prompts(spec: str, *, data_dir: str | None = None, images_root: str | None = None,

@@ -59,6 +59,7 @@ class Evaluation:
         self.out.mkdir(parents=True, exist_ok=True)
         write_prompts_jsonl(self.prompts, self.out / "prompts.jsonl")
         drawn = 0
+        loaded: tuple[str, Any, Any] | None = None  # rows of one model (plain, weighted) share its compiled sampler
         for row in self.rows:
             todo = generation.pending_images(self.out, row, self.prompts, self.seeds, self.settings, self.subjects)
             total = len(self.prompts) * len(self.seeds)
@@ -66,11 +67,13 @@ class Evaluation:
                 self.log(f"{row.name}: all {total} images already drawn")
                 continue
             self.log(f"{row.name}: drawing {len(todo)} of {total} images ({total - len(todo)} already there)")
-            pipe, params = self.load_pipeline(row.model)
+            if loaded is None or loaded[0] != row.model:
+                loaded = None  # the previous model leaves memory before the next loads
+                loaded = (row.model, *self.load_pipeline(row.model))
+            _, pipe, params = loaded
             with self._bar(len(todo), f"drawing {row.name}") as bar:
                 drawn += generation.draw_row(pipe, params, self.out, row, todo, self.settings, self.subjects,
                                              self.batch_size, bar.update)
-            del pipe, params
         return drawn
 
     # --- scoring ---------------------------------------------------------------------------------

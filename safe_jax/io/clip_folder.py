@@ -13,7 +13,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.io import folders
+from safe_jax.io import folders, presets
 from safe_jax.io.random_init import random_params
 from safe_jax.models.attention_ops import AttentionImpl
 from safe_jax.models.clip_vision import CLIPConfig, CLIPModel, abstract_params, from_hf_state_dict, to_hf_state_dict
@@ -28,8 +28,9 @@ def load_clip(folder: str | Path, *, dtype: Any = jnp.float32, param_dtype: Any 
               attention_impl: AttentionImpl = None, remat_policy: str | None = None
               ) -> tuple[CLIPModel, dict[str, Any]]:
     """A transformers ``CLIPModel`` folder (config.json + model.safetensors, sharded safetensors
-    or pytorch_model.bin, read with ``torch.load(weights_only=True)``) as (module, params)."""
-    folder = Path(folder)
+    or pytorch_model.bin, read with ``torch.load(weights_only=True)``) as (module, params); or a
+    shipped preset's name (``tiny-anchor-reward``, ``tiny-anchor-judge``)."""
+    folder = Path(presets.resolve(folder))
     if not folder.is_dir():
         raise SafeJaxError(f"CLIP model folder {folder} does not exist")
     config = CLIPConfig.from_hf(folders.read_json(folder / "config.json"), str(folder / "config.json"))

@@ -1,12 +1,21 @@
-"""Architecture presets: the configs of well-known checkpoints, for random init or shape checks.
+"""Presets: names that stand for a model without a folder of one's own.
 
-``sd15``, ``sd21`` and ``sd21-base`` are the published diffusers configs of Stable Diffusion 1.5,
-2.1 (768, v-prediction) and 2.1-base (512, epsilon). ``tiny`` is ours: the same kind of network
-at toy width, so the whole pipeline runs in seconds on a CPU.
+Architecture presets (random weights, for init or shape checks): ``sd15``, ``sd21`` and
+``sd21-base`` are the published diffusers configs of Stable Diffusion 1.5, 2.1 (768,
+v-prediction) and 2.1-base (512, epsilon); ``tiny`` is ours, the same kind of network at toy width,
+so the whole pipeline runs in seconds on a CPU.
+
+Shipped presets (trained weights inside the package, ``safe_jax/weights/``): the synthetic news
+world's models, trained from scratch by ``make world`` and copied in by ``launch/ship_world.py``.
+``tiny-anchor`` is a diffusers Stable Diffusion folder, ``tiny-anchor-reward`` the CLIPModel whose
+text tower is its text encoder (SAFE's DFE reward), ``tiny-anchor-judge`` a separate CLIPModel
+for evaluation only. They are real folders, so every loader reads them like any checkpoint:
+``resolve`` turns the name into the path.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from safe_jax.errors import SafeJaxError
@@ -50,3 +59,24 @@ def preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise SafeJaxError(f"unknown preset {name!r} and no such folder (presets: {', '.join(PRESETS)})")
     return PRESETS[name]
+
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+SHIPPED: dict[str, str] = {
+    "tiny-anchor": "a diffusers Stable Diffusion folder of the synthetic news world (64², trained from scratch)",
+    "tiny-anchor-reward": "its reward CLIPModel (the text encoder's own CLIP; SAFE's DFE reward)",
+    "tiny-anchor-judge": "the world's judge CLIPModel (evaluation only: another size, seed and data stream)",
+}
+
+
+def resolve(name_or_path: str | Path) -> str | Path:
+    """The folder of a shipped preset, else ``name_or_path`` unchanged (a folder or an architecture
+    preset, which the caller judges)."""
+    name = str(name_or_path)
+    if name not in SHIPPED:
+        return name_or_path
+    folder = WEIGHTS / name
+    if not (folder / ("model_index.json" if name == "tiny-anchor" else "config.json")).is_file():
+        raise SafeJaxError(f"preset {name!r} is not in this installation ({folder} is missing or incomplete): "
+                           "rebuild it with `make world`")
+    return str(folder)

@@ -13,8 +13,8 @@ What is never trained on, so that held-out numbers mean something:
 - the held-out *seed*: training streams use ``data.seed`` in [0, HELD_OUT_SEED); the held-out
   examples are seed ``HELD_OUT_SEED`` (1 000 000), validation and test combinations only.
 
-The world is ``tfds_anchor.anchor.world`` when it is installed, else the ``anchor/sample``
-generator (``tfds_anchor.anchor.synthetic``, no combination split); ``World.name`` says which.
+The world is ``tfds_anchor.anchor.world`` (the generator ``anchor/sample`` and
+``anchor/synthetic`` store too); ``World.name`` names it in the stream's description.
 """
 
 from __future__ import annotations
@@ -79,32 +79,24 @@ class World:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
             raise SafeJaxError(f"data.image_size must be an integer ≥ 16, got {image_size!r}")
         self.image_size = image_size
-        module = None
-        if importlib.util.find_spec("tfds_anchor.anchor.world") is not None:  # present: its errors are real
-            module = importlib.import_module("tfds_anchor.anchor.world")
-            missing = [f for f in ("sample_scene", "draw", "caption") if not hasattr(module, f)]
-            if missing:
-                raise SafeJaxError(f"tfds_anchor.anchor.world lacks {', '.join(missing)}")
+        if importlib.util.find_spec("tfds_anchor.anchor.world") is None:
+            raise SafeJaxError("pretraining draws the synthetic news world, tfds_anchor.anchor.world, which is not "
+                               "installed")
+        module = importlib.import_module("tfds_anchor.anchor.world")
+        missing = [f for f in ("sample_scene", "draw", "caption") if not hasattr(module, f)]
+        if missing:
+            raise SafeJaxError(f"tfds_anchor.anchor.world lacks {', '.join(missing)}")
         self._world = module
-        self.name = "world" if module is not None else "sample"
+        self.name = "world"
 
     def draw(self, seed: int, index: int) -> Example:
         rng = np.random.default_rng([seed, index])
         size = (self.image_size, self.image_size)
-        if self._world is not None:  # the order of world.example: spec, caption, picture
-            spec = self._world.sample_scene(rng)
-            caption, subjects = self._world.caption(spec, rng)
-            image = np.asarray(self._world.draw(spec, size)[0], np.uint8)
-            split = self._world.combination_split(spec) if hasattr(self._world, "combination_split") else None
-        else:
-            from tfds_anchor.anchor import synthetic
-
-            scene = synthetic.SCENES[int(rng.integers(len(synthetic.SCENES)))]
-            caption, texts, person = synthetic._caption(scene, rng)
-            image = np.asarray(synthetic._draw(scene, rng, size), np.uint8)
-            places = set(synthetic.CITIES) | set(synthetic.LANDMARKS)
-            subjects = [(t, "person" if t == person else "place" if t in places else "other") for t in texts]
-            split = None
+        # the order of world.example: spec, caption, picture
+        spec = self._world.sample_scene(rng)
+        caption, subjects = self._world.caption(spec, rng)
+        image = np.asarray(self._world.draw(spec, size)[0], np.uint8)
+        split = self._world.combination_split(spec) if hasattr(self._world, "combination_split") else None
         if image.shape != (self.image_size, self.image_size, 3):
             raise SafeJaxError(f"the world drew a {image.shape} picture, not {self.image_size}×{self.image_size} RGB")
         return Example(image, caption, tuple(_subject(s) for s in subjects), split)

@@ -64,18 +64,20 @@ class StableDiffusion:
         variant: str | None = None,
         seed: int = 0,
     ) -> tuple["StableDiffusion", Params]:
-        """A local diffusers folder, or a preset name (random weights: ``tiny``, ``sd15``, ``sd21``, ``sd21-base``).
+        """A local diffusers folder, a shipped preset (``tiny-anchor``: trained weights) or an
+        architecture preset (random weights: ``tiny``, ``sd15``, ``sd21``, ``sd21-base``).
 
         ``dtype`` is the compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); parameters are
         held in ``param_dtype``. ``variant`` picks e.g. ``diffusion_pytorch_model.fp16.safetensors``.
         """
         dtype = dtype or default_compute_dtype()
         kw = dict(dtype=dtype, param_dtype=param_dtype)
+        path_or_preset = presets.resolve(path_or_preset)
         path = Path(path_or_preset)
         if path.is_dir():
             return cls._from_folder(path, kw, attention_impl, remat_policy, variant)
         if str(path_or_preset) not in presets.PRESETS and (path.suffix or "/" in str(path_or_preset)):
-            raise SafeJaxError(f"missing folder: {path} (nor is it a preset: {', '.join(presets.PRESETS)})")
+            raise SafeJaxError(f"missing folder: {path} (nor is it a preset: {', '.join([*presets.PRESETS, *presets.SHIPPED])})")
         spec = presets.preset(str(path_or_preset))
         pipe = cls(
             unet=UNet2DConditionModel(UNetConfig.from_diffusers(spec["unet"]), attention_impl, remat_policy, **kw),

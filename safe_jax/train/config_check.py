@@ -218,17 +218,17 @@ def _cross_checks(c: Callable[[str], Any]) -> None:
     if sizes.count(-1) > 1:
         raise SafeJaxError(f"at most one of config.mesh.data, config.mesh.fsdp, config.mesh.tensor may be -1 "
                            f"(the rest), got {', '.join(map(str, sizes))}")
-    model = c("model")
+    model = presets.resolve(c("model"))
     if model not in presets.PRESETS and not Path(model).is_dir():
         raise SafeJaxError(f"config.model must be a local diffusers folder or a preset "
-                           f"({', '.join(presets.PRESETS)}), got {model!r}")
+                           f"({', '.join([*presets.PRESETS, *presets.SHIPPED])}), got {model!r}")
     if c("loss.kind") != "denoising" and c("reward.name") in rewards.CLIP_REWARDS:
         from safe_jax.models import clip_vision
 
-        clip = c("reward.clip")
+        clip = presets.resolve(c("reward.clip"))
         if clip not in clip_vision.PRESETS and not Path(clip).is_dir():
             raise SafeJaxError(f"config.reward.clip must be a transformers CLIPModel folder or a preset "
-                               f"({', '.join(clip_vision.PRESETS)}), got {clip!r}")
+                               f"({', '.join([*clip_vision.PRESETS, 'tiny-anchor-reward'])}), got {clip!r}")
     _check_reward_model(c)
     data_dir = c("data.data_dir")
     if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():

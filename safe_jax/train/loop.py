@@ -28,6 +28,7 @@ import numpy as np
 from safe_jax import sharding
 from safe_jax.data import GlobalBatches, InputConfig, data_source, make_iterator
 from safe_jax.errors import SafeJaxError
+from safe_jax.io import presets
 from safe_jax.sampling import schedulers
 from safe_jax.sampling.stable_diffusion import StableDiffusion
 from safe_jax.train import lora, rewards
@@ -245,7 +246,7 @@ def load_reward(config: Any) -> tuple[rewards.Reward, Any, Callable[[str], dict]
     ImageReward checkpoint file, a CLIP folder, a preset or a pixel reward. The text transform
     (caption -> the reward's own token arrays, for the input pipeline) is None for rewards that
     read the batch's SD ``input_ids``."""
-    name, clip = config.reward.name, config.reward.clip
+    name, clip = config.reward.name, presets.resolve(config.reward.clip)
     if name in rewards.REWARD_MODELS:
         return rewards.load_reward_checkpoint(name, config.reward.checkpoint, config.reward.arch)
     kwargs = {"alpha": config.reward.alpha} if name == "dfe" else {}

@@ -3,13 +3,19 @@
 The images come from licensed news datasets, so the builder reads a manual directory in any of the
 layouts people hold (ours, the authors' split folders, Hugging Face imagefolder, parquet with
 embedded images, img2dataset's webdataset shards; README.md, MANUAL_DOWNLOAD_INSTRUCTIONS).
-``sample`` needs none: it draws a few hundred news-like pairs itself, so demos and tests run offline.
+``sample`` and ``synthetic`` need none: they draw the synthetic news world (``world``) themselves,
+so demos, tests and pretraining run offline, and every record of theirs carries its
+``ground_truth`` (the scene it was drawn from, its subjects with kinds, where each was drawn) as
+JSON, so generated pictures can be judged against what the caption really names. Real records
+have no such truth: their ``ground_truth`` is "".
 
 A build reads its layout twice, as a stream. The first pass counts what is unusable, finds
 duplicate ids and makes sure every split it will announce has at least one image that decodes
 (TFDS cannot write a split that ends up empty); the second, one split at a time, decodes and
 stores. Neither pass keeps records or images beyond a small batch, so memory stays flat in the
-number of records; what the first pass learns is only the few records to leave out.
+number of records; what the first pass learns is only the few records to leave out. The world's
+configs stream too: a record's split is known from its scene spec before it is drawn, so each
+split draws only its own records.
 
 Building and reading through ``tfds.data_source`` need no TensorFlow: images are decoded and encoded
 with PIL here and records are written as ArrayRecord.
@@ -25,7 +31,7 @@ from typing import Any, Iterator
 import tensorflow_datasets as tfds
 from etils import epath
 
-from tfds_anchor.anchor import images, manual, synthetic
+from tfds_anchor.anchor import images, manual, world_records
 from tfds_anchor.anchor.layouts import detect, settings
 from tfds_anchor.anchor.records import SPLITS, Record
 from tfds_anchor.anchor.safe_files import ManualDir, Unreadable
@@ -56,6 +62,10 @@ class AnchorConfig(tfds.core.BuilderConfig):
     ``layout`` (anchor, folders, imagefolder, parquet, webdataset), ``caption_column``,
     ``image_column`` and ``max_file_mb`` (the largest file or embedded image read, in MiB) override
     the manual directory's ``anchor.toml``; where neither names a layout it is detected.
+
+    The ``synthetic_*`` fields size the world drawn by the ``synthetic`` subset (no manual
+    directory): how many records, their pictures' size, the seed every record derives from, and one
+    picture in ``synthetic_portrait_every`` turned portrait (0: none).
     """
 
     subset: str = "non_entity"
@@ -63,8 +73,9 @@ class AnchorConfig(tfds.core.BuilderConfig):
     min_side: int = 64
     jpeg_quality: int = 90
     synthetic_examples: int = 300
-    synthetic_size: tuple[int, int] = (192, 128)
+    synthetic_size: tuple[int, int] = (128, 128)
     synthetic_seed: int = 0
+    synthetic_portrait_every: int = 0
     layout: str | None = None
     caption_column: str | None = None
     image_column: str | None = None
@@ -75,22 +86,36 @@ class AnchorConfig(tfds.core.BuilderConfig):
             raise ValueError(f"subset must be one of {SUBSETS}, got {self.subset!r}")
         if not 0 < self.min_side <= self.max_side:
             raise ValueError(f"need 0 < min_side <= max_side, got {self.min_side} and {self.max_side}")
+        if self.synthetic_examples < 0 or self.synthetic_portrait_every < 0:
+            raise ValueError(f"need synthetic_examples >= 0 and synthetic_portrait_every >= 0, got "
+                             f"{self.synthetic_examples} and {self.synthetic_portrait_every}")
         settings.check_options(f"AnchorConfig {self.name!r}", layout=self.layout, caption_column=self.caption_column,
                                image_column=self.image_column, max_file_mb=self.max_file_mb)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
-    """DatasetBuilder for ANCHOR (and its offline ``sample``)."""
+    """DatasetBuilder for ANCHOR (and the offline synthetic world: ``sample``, ``synthetic``)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: default (non-entity), entity and sample configs."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: default (non-entity), entity and sample configs.",
+        "1.1.0": "sample is now 300 pairs of the synthetic news world (128x128, splits by held-out "
+                 "combination) with their ground truth; new synthetic config (20,000 world pairs); new "
+                 "ground_truth feature (the world's JSON truth, \"\" for real ANCHOR records).",
+    }
     BUILDER_CONFIGS = [
         AnchorConfig(name="default", subset="non_entity",
                      description="ANCHOR's non-entity subset, from a manual directory."),
         AnchorConfig(name="entity", subset="entity",
                      description="ANCHOR Entity: pairs whose image shows a named person (field `entity`)."),
-        AnchorConfig(name="sample", subset="synthetic",
-                     description="300 synthetic news-like pairs drawn offline by our own code, for demos and tests."),
+        AnchorConfig(name="sample", subset="synthetic", synthetic_examples=300, synthetic_size=(128, 128),
+                     synthetic_seed=0, synthetic_portrait_every=0,
+                     description="300 pairs of the synthetic news world (128x128) with their ground truth, drawn "
+                                 "offline, for demos and tests."),
+        AnchorConfig(name="synthetic", subset="synthetic", synthetic_examples=20_000, synthetic_size=(128, 128),
+                     synthetic_seed=0, synthetic_portrait_every=0,
+                     description="20,000 pairs of the synthetic news world (128x128) with their ground truth, "
+                                 "drawn offline, for pretraining and larger experiments."),
     ]
     DEFAULT_CONFIG_NAME = "default"
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -144,6 +169,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "source": tfds.features.ClassLabel(names=list(SOURCES)),
                 "subjects": tfds.features.Sequence(tfds.features.Text()),
                 "entity": tfds.features.Text(),
+                # JSON for the synthetic world's records (see world_records), "" for real ones.
+                "ground_truth": tfds.features.Text(),
             }),
             supervised_keys=None,
             homepage=_HOMEPAGE,
@@ -172,17 +199,18 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 for split in SPLITS if split in splits}
 
     def _synthetic_splits(self, report: BuildReport) -> dict[str, Iterator]:
+        """The world, one split at a time: the splits are counted from the specs (cheap), and each
+        split's generator draws its own records only, so no split's pictures wait in memory."""
         config: AnchorConfig = self.builder_config
-        records = list(synthetic.pairs(config.synthetic_examples, config.synthetic_seed, config.synthetic_size,
-                                       config.jpeg_quality))
-        report.records_read = len(records)
-        if not records:
+        n, seed = config.synthetic_examples, config.synthetic_seed
+        counts = world_records.split_counts(n, seed)
+        report.records_read = sum(counts.values())
+        if not counts:
             self._fail_nothing_kept(report, None)
-        by_split: dict[str, list[Record]] = {}
-        for r in records:
-            by_split.setdefault(r.split, []).append(r)
-        self._warn_missing_splits(set(by_split), report)
-        return {split: self._write(iter(by_split[split]), None, {}) for split in SPLITS if split in by_split}
+        self._warn_missing_splits(set(counts), report)
+        return {split: self._write(world_records.pairs(n, seed, config.synthetic_size, config.jpeg_quality,
+                                                       config.synthetic_portrait_every, split=split), None, {})
+                for split in SPLITS if split in counts}
 
     def _scan(self, layout: Any, dirs: ManualDir, report: BuildReport) -> tuple[set[str], set[str]]:
         """The first pass: (the splits to write, the origins of records already skipped and counted).
@@ -309,6 +337,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "source": normalise_source(record.source),
                 "subjects": record_subjects or [],
                 "entity": record.entity if config.subset == "entity" else "",
+                "ground_truth": getattr(record, "ground_truth", ""),
             }
 
     def _as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):  # pytype: disable=signature-mismatch

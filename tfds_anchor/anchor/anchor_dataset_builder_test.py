@@ -2,7 +2,9 @@
 
 Run with ``python -m pytest tfds_anchor/anchor/anchor_dataset_builder_test.py`` (CI collects these
 classes through tests/test_tfds_anchor_tf.py). dummy_data/ is a manual directory with 13 good
-records (9 non-entity, 4 entity) and 2 bad ones (a missing image, an empty caption).
+records (9 non-entity, 4 entity) and 2 bad ones (a missing image, an empty caption); ``sample``
+ignores it (it draws the synthetic world). ``synthetic`` (20,000 records) is not built here: it is
+``sample``'s world, larger, and tests/test_tfds_anchor.py builds a small config of its subset.
 """
 
 import tensorflow_datasets as tfds
@@ -29,7 +31,7 @@ class AnchorEntityTest(_Anchor, tfds.testing.DatasetBuilderTestCase):
 
 class AnchorSampleTest(_Anchor, tfds.testing.DatasetBuilderTestCase):
     BUILDER_CONFIG_NAMES_TO_TEST = ["sample"]
-    SPLITS = {"train": 276, "validation": 10, "test": 14}
+    SPLITS = {"train": 270, "validation": 12, "test": 18}
 
 
 if __name__ == "__main__":

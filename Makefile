@@ -26,7 +26,7 @@ demo: install
 
 # The synthetic world's own Stable Diffusion, trained from scratch by our code on this machine's
 # CPUs: VAE, reward CLIP (its text tower becomes the text encoder), judge CLIP (evaluation only),
-# then the UNet, which reads the first two's exports. About 1 h 45 min on 2 cores. Every run
+# then the UNet, which reads the first two's exports. About 1 h 15 min to 1 h 45 min on 2 cores. Every run
 # resumes from its latest checkpoint, and one that finished is skipped, so an interrupted
 # `make world` continues where it stopped. Results in runs/world/<model>/: export/, loss.png,
 # samples/, metrics.jsonl, summary.json. The diffusers folder is runs/world/unet/export; the last

@@ -99,12 +99,15 @@ def run(out: Path, steps: int | None, seeds: list[int], limit: int | None, sampl
     say("5/5 checks against noise and the real pictures, and the report")
     sanity = _sanity(eval_dir, data_dir, document)
     verdict, verdict_rows = _verdict(document["results"])
+    transfer = _reward_transfer(out, data_dir, result, seeds, limit, sample_steps or config.sample.steps, config)
+    verdict.append(transfer["line"])
     total = time.perf_counter() - t_start
     path = _write_report(out, config, result, document, sanity, verdict, subjects_md,
                          dict(total=total, train=train_seconds, eval=eval_seconds, n_train=n_train))
     (out / "summary.json").write_text(json.dumps({
         "steps": result.step, "seconds": total, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        "results": document["results"], "sanity": sanity, "verdict": verdict_rows}, indent=2))
+        "results": document["results"], "sanity": sanity, "verdict": verdict_rows,
+        "reward_transfer": {k: v for k, v in transfer.items() if k != "line"}}, indent=2))
     for line in verdict:
         say(line)
     say(f"done in {total:.0f} s: {path}")
@@ -129,7 +132,8 @@ def _subjects_section(source, limit: int | None) -> str:
             "shown against them for the first held-out captions:\n\n" + "\n".join(lines))
 
 
-def _evaluate(eval_dir: Path, data_dir: Path, export_dir: Path, seeds, limit, sample_steps: int, config):
+def _evaluate(eval_dir: Path, data_dir: Path, export_dir: Path, seeds, limit, sample_steps: int, config,
+              clip: str = "tiny-anchor-judge", metrics: str = "clipscore,subject_recall,world_recall,fid_clip"):
     from launch import eval as eval_cli
 
     argv = ["--model", "base=tiny-anchor", "--model", f"safe={export_dir}",
@@ -137,8 +141,7 @@ def _evaluate(eval_dir: Path, data_dir: Path, export_dir: Path, seeds, limit, sa
             "--subjects", "none,stored", "--subject-weight", str(config.subjects.weight),
             "--seeds", ",".join(map(str, seeds)), "--steps", str(sample_steps),
             "--guidance", str(config.sample.guidance), "--scheduler", config.sample.scheduler,
-            "--clip", "tiny-anchor-judge", "--fid-clip", "tiny-anchor-judge",
-            "--metrics", "clipscore,subject_recall,world_recall,fid_clip",
+            "--clip", clip, "--fid-clip", clip, "--metrics", metrics,
             "--batch-size", "32", "--metric-batch-size", "64", "--out", str(eval_dir)]
     if limit:
         argv += ["--limit", str(limit)]
@@ -146,6 +149,34 @@ def _evaluate(eval_dir: Path, data_dir: Path, export_dir: Path, seeds, limit, sa
     if eval_cli.run(args) != 0:
         raise RuntimeError("the evaluation failed")
     return json.loads((eval_dir / "results.json").read_text())
+
+
+def _reward_transfer(out: Path, data_dir: Path, result, seeds, limit, sample_steps: int, config) -> dict:
+    """Does what ReFL gained on the training captions reach the held-out ones, by the reward
+    model's own measure? The same test images scored by the reward CLIP (its CLIPScore), beside
+    the DFE reward of the first and last ReFL steps of training. If the reward CLIP itself sees no
+    gain on held-out captions, the judge is not what hides SAFE's effect."""
+    import shutil
+
+    import numpy as np
+
+    from launch import report
+
+    scored = out / "eval_reward_clip"  # a copy of the images, so eval/results.json stays the judge's
+    if scored.exists():
+        shutil.rmtree(scored)
+    shutil.copytree(out / "eval" / "images", scored / "images")
+    document = _evaluate(scored, data_dir, result.export_dir, seeds, limit, sample_steps, config,
+                         clip="tiny-anchor-reward", metrics="clipscore")
+    rewards = [m["reward"] for m in report.read_metrics(result.metrics_path) if m.get("reward") is not None]
+    first, last = (float(np.mean(rewards[:10])), float(np.mean(rewards[-10:]))) if rewards else (None, None)
+    base, safe = (document["results"][row]["clipscore"] for row in ("base-plain", "safe-plain"))
+    line = (f"the reward itself: DFE on the training captions {first:.4g} → {last:.4g} (first and last ReFL steps); "
+            f"the reward CLIP's CLIPScore on the held-out test images base-plain {base['mean']:.4g} ± {base['std']:.2g} → "
+            f"safe-plain {safe['mean']:.4g} ± {safe['std']:.2g}"
+            if rewards else "no ReFL step ran")
+    return {"line": line, "train_reward_first": first, "train_reward_last": last,
+            "reward_clipscore": document["results"]}
 
 
 def _histogram(images):

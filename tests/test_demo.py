@@ -30,6 +30,8 @@ def test_demo_runs_end_to_end(tmp_path):
     # the verdict compares three rows with base-plain on four metrics, each with its spread
     assert {(v["row"], v["metric"]) for v in summary["verdict"]} == {
         (r, m) for r in rows[1:] for m in ("clipscore", "subject_recall@1", "world_recall", "fid_clip")}
+    transfer = summary["reward_transfer"]  # the reward CLIP's view of the same held-out images
+    assert transfer["train_reward_first"] is not None and set(transfer["reward_clipscore"]) == set(rows)
     sanity = summary["sanity"]
     assert sanity["fid_judge_noise"] > sanity["fid_judge_generated"] > 0
     assert sanity["world_recall_real"] > 0.5

@@ -335,3 +335,12 @@ def test_eval_killed_with_sigkill_resumes_without_redrawing(tmp_path, prompts_fi
     assert len(after) == 12 and all(after[p] == t for p, t in before.items())
     assert not list(out.glob("images/tiny/*.tmp"))
     assert json.loads((out / "results.json").read_text())["results"]["tiny"]["fid_clip"]["n"] == 12
+
+
+def test_settings_compare_floats_within_rounding():
+    """1.1² as the config computes it and 1.21 typed on the command line are one setting; 1.2 is not."""
+    from safe_jax.eval.generation import _mismatch
+
+    assert _mismatch({"subject_weight": 1.1 ** 2}, {"subject_weight": 1.21}) is None
+    assert "subject_weight" in _mismatch({"subject_weight": 1.2}, {"subject_weight": 1.21})
+    assert "steps" in _mismatch({"steps": 15}, {"steps": 20})

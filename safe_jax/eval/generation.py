@@ -13,6 +13,7 @@ image its own key), so it is the same picture whatever the batch size or device 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,9 +88,17 @@ _COMPARED = ("prompt", "seed", "steps", "guidance", "scheduler", "subjects", "su
              "subject_format", "negative_prompt", "dtype")
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal, floats within 1e-9 relative: 1.1² (1.2100000000000002) and ``--subject-weight 1.21``
+    draw the same image, so neither may refuse the other's images."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
 def _mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     for key in _COMPARED:
-        if found.get(key) != wanted.get(key):
+        if not _same(found.get(key), wanted.get(key)):
             return f"{key}={found.get(key)!r}, this run asks {wanted.get(key)!r}"
     for key in ("height", "width"):
         if wanted.get(key) is not None and found.get(key) != wanted.get(key):

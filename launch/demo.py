@@ -168,7 +168,8 @@ def _reward_transfer(out: Path, data_dir: Path, result, seeds, limit, sample_ste
     shutil.copytree(out / "eval" / "images", scored / "images")
     document = _evaluate(scored, data_dir, result.export_dir, seeds, limit, sample_steps, config,
                          clip="tiny-anchor-reward", metrics="clipscore")
-    rewards = [m["reward"] for m in report.read_metrics(result.metrics_path) if m.get("reward") is not None]
+    rewards = [m["reward"] for m in report.read_metrics(result.metrics_path)
+               if m.get("reward") is not None and np.isfinite(m["reward"])]  # denoising steps read as NaN
     first, last = (float(np.mean(rewards[:10])), float(np.mean(rewards[-10:]))) if rewards else (None, None)
     base, safe = (document["results"][row]["clipscore"] for row in ("base-plain", "safe-plain"))
     line = (f"the reward itself: DFE on the training captions {first:.4g} → {last:.4g} (first and last ReFL steps); "

@@ -77,7 +77,7 @@ class StableDiffusion:
         if path.is_dir():
             return cls._from_folder(path, kw, attention_impl, remat_policy, variant)
         if str(path_or_preset) not in presets.PRESETS and (path.suffix or "/" in str(path_or_preset)):
-            raise SafeJaxError(f"missing folder: {path} (nor is it a preset: {', '.join([*presets.PRESETS, *presets.SHIPPED])})")
+            raise SafeJaxError(f"missing folder: {path} (nor is it a preset: {', '.join([*presets.PRESETS, 'tiny-anchor'])})")
         spec = presets.preset(str(path_or_preset))
         pipe = cls(
             unet=UNet2DConditionModel(UNetConfig.from_diffusers(spec["unet"]), attention_impl, remat_policy, **kw),

@@ -15,9 +15,8 @@ import pytest
 
 from safe_jax.errors import SafeJaxError
 from safe_jax.io import presets
+from safe_jax.pretrain.data import HELD_OUT_SEED  # the seed pre-training never trains on
 from tfds_anchor.anchor import world, world_detect
-
-HELD_OUT_SEED = 1_000_000  # safe_jax.pretrain.data.HELD_OUT_SEED: never trained on
 
 
 def _held_out(n: int, size: int = 64) -> list[dict]:

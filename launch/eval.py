@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from safe_jax.sampling import SAMPLERS
 from launch.cli_errors import ArgumentParser, float_in, int_at_least, multiple_of, one_line_errors, output_dir
 
 
@@ -85,7 +86,7 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     g.add_argument("--seeds", type=_seeds, default=[42, 371], help="comma-separated; image <id>_<seed> uses that seed")
     g.add_argument("--steps", type=int_at_least(1), default=100)
     g.add_argument("--guidance", type=float_in(0.0), default=7.5)
-    g.add_argument("--scheduler", default="ddim", choices=("ddim", "euler_a", "dpm++2m"))
+    g.add_argument("--scheduler", default="ddim", choices=SAMPLERS)
     g.add_argument("--height", type=multiple_of(8), default=None)
     g.add_argument("--width", type=multiple_of(8), default=None)
     g.add_argument("--subjects", type=_choices_list(SUBJECT_MODES), default=["none"],

@@ -8,6 +8,7 @@ import re
 import sys
 import time
 
+from safe_jax.sampling import SAMPLERS
 from launch.cli_errors import ArgumentParser, float_in, int_at_least, multiple_of, one_line_errors, output_dir
 
 MAX_SEED = 2 ** 32 - 1
@@ -15,12 +16,15 @@ MAX_SEED = 2 ** 32 - 1
 
 def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     p = ArgumentParser(prog=prog, description=__doc__)
-    p.add_argument("--model", default="tiny", help="a local diffusers folder, or a preset: tiny, sd15, sd21, sd21-base")
+    p.add_argument("--model", default="tiny", help="a local diffusers folder (SD 1.x/2.x or XL), or a preset: tiny, "
+                                                   "sd15, sd21, sd21-base, tiny-xl, sdxl, tiny-anchor")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several images")
-    p.add_argument("--negative-prompt", default="", help="one negative prompt for all images")
+    p.add_argument("--negative-prompt", default=None,
+                   help="one negative prompt for all images (default: none, which SDXL encodes as zeros)")
     p.add_argument("--steps", type=int_at_least(1), default=50)
     p.add_argument("--guidance", type=float_in(0.0), default=7.5, help="classifier-free guidance scale (≤ 1: none)")
-    p.add_argument("--scheduler", default="ddim", choices=("ddim", "euler_a", "dpm++2m"))
+    p.add_argument("--scheduler", default=None, choices=SAMPLERS,
+                   help="default: the sampler of the folder's scheduler class (Euler for SDXL), else ddim")
     p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="image i (0, 1, … in prompt order) uses seed + i, written in its PNG; the same prompt "
                         "with that seed alone draws it again, whatever the batch size")
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax generate") -> int:
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
         pipe, params = StableDiffusion.from_pretrained(args.model, dtype=dtype, seed=args.init_seed)
         print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        scheduler = args.scheduler or pipe.default_sampler
         prompts = args.prompt
         subjects = resolve_subjects(args.subjects, prompts)
         syntax = None if args.prompt_syntax == "none" else args.prompt_syntax
@@ -123,11 +128,11 @@ def main(argv: list[str] | None = None, prog: str = "safe-jax generate") -> int:
                 chunk_subjects = None if subjects is None else subjects[start:start + args.batch_size]
                 seed = args.seed + start  # image start + j gets seed + j: its own seed, whatever the batching
                 images = pipe.generate(params, chunk, negative_prompts=args.negative_prompt, num_steps=args.steps,
-                                       guidance_scale=args.guidance, scheduler=args.scheduler, seed=seed,
+                                       guidance_scale=args.guidance, scheduler=scheduler, seed=seed,
                                        height=args.height, width=args.width, subjects=chunk_subjects, **weighting)
                 for j, (prompt, image) in enumerate(zip(chunk, images)):
                     settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "model": str(args.model),
-                                "steps": args.steps, "guidance_scale": args.guidance, "scheduler": args.scheduler,
+                                "steps": args.steps, "guidance_scale": args.guidance, "scheduler": scheduler,
                                 "seed": seed + j, "index": start + j, "height": int(image.shape[0]),
                                 "width": int(image.shape[1]), "dtype": args.dtype or "default",
                                 "init_seed": args.init_seed}

@@ -89,3 +89,44 @@ def tiny_torch_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_sd") / "pipe"
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder, pipe
+
+
+def torch_xl_pipeline(preset: str = "tiny-xl", seed: int = 0, scheduler: str = "euler"):
+    """A diffusers StableDiffusionXLPipeline with random weights and our SDXL preset's architecture,
+    every tensor perturbed as in ``torch_pipeline``; ``scheduler`` "euler" (the SDXL default) or "ddim"."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from safe_jax.io import presets
+    from safe_jax.models import clip_text
+    from safe_jax.models.unet import UNetConfig
+    from safe_jax.models.vae import VAEConfig
+    from safe_jax.text import tokenizer
+
+    spec = presets.preset(preset)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(UNetConfig.from_diffusers(spec["unet"]).to_diffusers())
+    vae = AutoencoderKL.from_config(VAEConfig.from_diffusers(spec["vae"]).to_diffusers())
+    text = CLIPTextModel(CLIPTextConfig(**clip_text.preset(spec["text_encoder"]).to_hf()))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_text.preset(spec["text_encoder_2"]).to_hf()))
+    with torch.no_grad():
+        for module in (unet, vae, text, text_2):
+            for p in module.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    cls = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[scheduler]
+    return StableDiffusionXLPipeline(
+        unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), text_encoder_2=text_2.eval(),
+        tokenizer=tokenizer.tiny_tokenizer(), tokenizer_2=tokenizer.tiny_tokenizer(pad_token="!"),
+        scheduler=cls.from_config(spec["scheduler"]), force_zeros_for_empty_prompt=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_folder(tmp_path_factory):
+    """A tiny SDXL diffusers folder written by diffusers itself, and its pipeline."""
+    pipe = torch_xl_pipeline("tiny-xl")
+    folder = tmp_path_factory.mktemp("tiny_xl") / "pipe"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder, pipe

@@ -98,6 +98,162 @@ def test_load_image_crops_and_flips():
     assert half.shape == (30, 30, 3) and half.dtype == np.float32 and -1 <= half.min() and half.max() <= 1
 
 
+def _encoded(width, height, fmt="PNG", seed=0) -> tuple[Image.Image, bytes]:
+    """A noise image (any shift of a crop changes it) and its encoding."""
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return image, buf.getvalue()
+
+
+def diffusers_sdxl_crop(image: Image.Image, resolution: int, flipped: bool, random_y1x1=None):
+    """diffusers' train_text_to_image_sdxl.py preprocessing of one image, written out on PIL:
+    original size (height, width); resize so the shorter side is ``resolution``; flip the resized
+    image if ``flipped``; centre crop at y1 = max(0, int(round((H - R) / 2.0))), x1 likewise, or
+    RandomCrop's ``(y1, x1)``; time ids = original size + (y1, x1) + (R, R). Returns (uint8 pixels,
+    time ids). The longer side is rounded; torchvision truncates, so callers pick sizes where the
+    two agree."""
+    w, h = image.size
+    longer = max(w, h) * resolution / min(w, h)
+    assert int(longer) == round(longer), "a size where torchvision's truncation and rounding differ"
+    rw, rh = (round(longer), resolution) if w >= h else (resolution, round(longer))
+    resized = image.resize((rw, rh), Image.Resampling.BILINEAR)
+    if flipped:
+        resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if random_y1x1 is None:
+        y1 = max(0, int(round((rh - resolution) / 2.0)))
+        x1 = max(0, int(round((rw - resolution) / 2.0)))
+    else:
+        y1, x1 = random_y1x1
+    pixels = np.asarray(resized.crop((x1, y1, x1 + resolution, y1 + resolution)))
+    return pixels, np.array([h, w, y1, x1, resolution, resolution], np.float32)
+
+
+def same_pixels(a, b) -> bool:
+    return a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 1.0  # a 1-pixel shift: ~30
+
+
+@pytest.mark.parametrize("width, height, resolution", [
+    (63, 40, 40),   # landscape, no resampling, odd margin 23
+    (90, 60, 40),   # landscape resized to 60 x 40
+    (40, 57, 40),   # portrait, odd margin 17
+    (40, 60, 24),   # portrait resized to 24 x 36
+])
+def test_sdxl_time_ids_of_a_centre_crop_are_diffusers(width, height, resolution):
+    from safe_jax.data.transforms import load_image_and_time_ids
+
+    image, data = _encoded(width, height)
+    pixels, time_ids = load_image_and_time_ids(data, resolution, "center", dtype="uint8")
+    ref_pixels, ref_ids = diffusers_sdxl_crop(image, resolution, flipped=False)
+    assert time_ids.dtype == np.float32 and time_ids.shape == (6,)
+    np.testing.assert_array_equal(time_ids, ref_ids)
+    assert same_pixels(pixels, ref_pixels)
+    assert time_ids[0] == height and time_ids[1] == width
+    if width > height:
+        assert time_ids[2] == 0 and time_ids[3] > 0
+    else:
+        assert time_ids[2] > 0 and time_ids[3] == 0
+
+
+def test_sdxl_time_ids_follow_the_random_crop_and_the_flip_applied():
+    """Every draw: the reported (y1, x1) is where diffusers' recipe (flip the resized image, then
+    crop) gives these very pixels, with the flip these pixels had; crops cover the whole range and
+    both flips occur."""
+    from safe_jax.data.transforms import load_image_and_time_ids
+
+    for (width, height, resolution) in [(90, 60, 40), (40, 57, 40)]:
+        image, data = _encoded(width, height, seed=width)
+        margin = max(width, height) * resolution // min(width, height) - resolution
+        lefts, flips = set(), set()
+        for seed in range(80):
+            pixels, ids = load_image_and_time_ids(data, resolution, "random", True, np.random.default_rng(seed),
+                                                  "uint8")
+            y1, x1 = int(ids[2]), int(ids[3])
+            matches = [f for f in (False, True)
+                       if same_pixels(pixels, diffusers_sdxl_crop(image, resolution, f, (y1, x1))[0])]
+            assert len(matches) == 1, (seed, ids)
+            _, ref_ids = diffusers_sdxl_crop(image, resolution, matches[0], (y1, x1))
+            np.testing.assert_array_equal(ids, ref_ids)
+            flips.add(matches[0])
+            lefts.add(x1 if width > height else y1)
+            assert (y1 == 0) if width > height else (x1 == 0)
+        assert flips == {False, True} and min(lefts) == 0 and max(lefts) == margin and len(lefts) > margin // 2
+
+
+def test_sdxl_time_ids_of_a_flipped_centre_crop():
+    """Even margin: exactly diffusers' numbers. Odd margin: the centre crop is taken before the flip
+    (the pixels existing runs train on), so its left edge in the flipped image is one less than
+    diffusers' round(margin / 2)."""
+    from safe_jax.data.transforms import load_image_and_time_ids
+
+    for (width, height, resolution, shift) in [(90, 60, 40, 0), (63, 40, 40, 1)]:
+        image, data = _encoded(width, height)
+        seen = set()
+        for seed in range(12):
+            pixels, ids = load_image_and_time_ids(data, resolution, "center", True, np.random.default_rng(seed),
+                                                  "uint8")
+            flipped = same_pixels(pixels, np.ascontiguousarray(
+                load_image_and_time_ids(data, resolution, "center", dtype="uint8")[0][:, ::-1]))
+            seen.add(flipped)
+            _, ref_ids = diffusers_sdxl_crop(image, resolution, flipped)
+            expected = ref_ids.copy()
+            if flipped:
+                expected[3] -= shift
+            np.testing.assert_array_equal(ids, expected)
+            assert same_pixels(pixels, diffusers_sdxl_crop(image, resolution, flipped, (int(ids[2]), int(ids[3])))[0])
+        assert seen == {False, True}
+
+
+def test_sdxl_time_ids_keep_the_source_size_through_a_jpeg_draft():
+    from safe_jax.data.transforms import load_image_and_time_ids
+
+    image, data = _encoded(200, 120, fmt="JPEG")
+    assert Image.open(io.BytesIO(data)).draft("RGB", (54, 32)) is not None  # decoded at a reduced scale
+    _, ids = load_image_and_time_ids(data, 32, "center", dtype="uint8")
+    np.testing.assert_array_equal(ids, diffusers_sdxl_crop(image, 32, False)[1])
+    assert tuple(ids[:2]) == (120, 200)
+
+
+def test_micro_conditioning_changes_nothing_but_adds_time_ids():
+    from safe_jax.data.transforms import DecodeImage, load_image_and_time_ids
+
+    _, data = _encoded(90, 60)
+    record = {"image": data, "image_id": b"id-1", "caption": b"a dog", "subjects": [b"dog"]}
+    for crop in ("center", "random"):
+        for dtype in ("uint8", "float32"):
+            for seed in range(6):
+                off = DecodeImage(40, crop, True, dtype).random_map(dict(record), np.random.default_rng(seed))
+                on = DecodeImage(40, crop, True, dtype, micro_conditioning=True).random_map(
+                    dict(record), np.random.default_rng(seed))
+                assert "time_ids" not in off and set(on) == set(off) | {"time_ids"}
+                assert on["image"].dtype == off["image"].dtype and on["image"].tobytes() == off["image"].tobytes()
+                assert all(on[k] == off[k] for k in ("image_id", "caption", "subjects"))
+                plain = load_image(data, 40, crop, True, np.random.default_rng(seed), dtype)
+                assert plain.tobytes() == off["image"].tobytes()
+                pixels, ids = load_image_and_time_ids(data, 40, crop, True, np.random.default_rng(seed), dtype)
+                assert pixels.tobytes() == plain.tobytes()
+                assert on["time_ids"].dtype == np.float32 and np.array_equal(on["time_ids"], ids)
+
+
+def test_batches_with_micro_conditioning_carry_time_ids(data_dir, tokenizer):
+    off = take(make_iterator(config(data_dir), tokenizer, shard=(0, 1)), 2)
+    on = take(make_iterator(config(data_dir, micro_conditioning=True), tokenizer, shard=(0, 1)), 2)
+    for a, b in zip(off, on):
+        assert "time_ids" not in a and set(b) == set(a) | {"time_ids"}
+        assert_same([a], [{k: v for k, v in b.items() if k != "time_ids"}])
+        assert b["time_ids"].shape == (4, 6) and b["time_ids"].dtype == np.float32
+    source = data_source("anchor/sample", "train", data_dir)
+    by_id = {source[i]["image_id"]: source[i] for i in range(len(source))}
+    for row, image_id in enumerate(on[0]["image_id"]):
+        w, h = Image.open(io.BytesIO(by_id[bytes(image_id)]["image"])).size
+        ids = on[0]["time_ids"][row]
+        assert tuple(ids[:2]) == (h, w) and tuple(ids[4:]) == (32, 32)
+        assert 0 <= ids[2] <= round(h * 32 / min(w, h)) - 32 and 0 <= ids[3] <= round(w * 32 / min(w, h)) - 32
+    out = global_batch(on[0], data_sharding(jax.make_mesh((1,), ("data",)), "data"))
+    assert out["time_ids"].shape == (4, 6) and out["time_ids"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out["time_ids"]), on[0]["time_ids"])
+
+
 def test_same_config_same_batches_and_epochs_reshuffle(data_dir, tokenizer):
     cfg = config(data_dir, batch_size=8)
     assert_same(take(make_iterator(cfg, tokenizer, shard=(0, 1)), 3), take(make_iterator(cfg, tokenizer, shard=(0, 1)), 3))
@@ -190,6 +346,10 @@ def test_bad_settings_and_missing_data_are_clear_errors(data_dir, tokenizer, tmp
         InputConfig(batch_size=0)
     with pytest.raises(SafeJaxError, match="crop"):
         DecodeImage(32, crop="diagonal")
+    with pytest.raises(SafeJaxError, match="micro_conditioning"):
+        InputConfig(micro_conditioning="yes")
+    with pytest.raises(SafeJaxError, match="micro_conditioning"):
+        DecodeImage(32, micro_conditioning=1)
     with pytest.raises(SafeJaxError, match="shard index"):
         make_iterator(config(data_dir), tokenizer, shard=(2, 2))
     with pytest.raises(SafeJaxError, match="anchor/default"):  # not built, and no manual directory

@@ -133,4 +133,4 @@ def test_cli_prints_one_line(tmp_path):
                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"safe-jax export: error: missing folder: {tmp_path / 'absent'} "
-                                               "(nor is it a preset: sd15, sd21, sd21-base, tiny, tiny-anchor)"]
+                                               "(nor is it a preset: sd15, sd21, sd21-base, tiny, sdxl, tiny-xl, tiny-anchor)"]

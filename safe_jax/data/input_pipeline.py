@@ -53,12 +53,15 @@ class InputConfig:
     worker_buffer_size: int = 2
     read_threads: int = 2
     prefetch: int = 4                 # batches buffered by the read threads
+    micro_conditioning: bool = False  # SDXL: batches gain ``time_ids`` [B, 6] float32 (transforms.sdxl_time_ids)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.resolution < 8:
             raise SafeJaxError(f"need batch_size ≥ 1 and resolution ≥ 8, got {self.batch_size}, {self.resolution}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise SafeJaxError(f"num_epochs must be ≥ 1 or None, got {self.num_epochs}")
+        if not isinstance(self.micro_conditioning, bool):
+            raise SafeJaxError(f"micro_conditioning must be True or False, got {self.micro_conditioning!r}")
 
 
 def host_shard() -> tuple[int, int]:
@@ -73,8 +76,10 @@ def make_dataset(config: InputConfig, tokenizer: Any, *, source: Any = None,
                  reward_text: Callable[[str], Mapping[str, Any]] | None = None) -> grain.IterDataset:
     """This host's batches as a grain IterDataset: dicts of ``images`` [B, R, R, 3] (uint8 0..255, or
     float32 [-1, 1] with ``image_dtype="float32"``), ``input_ids`` [B, 77] int32, ``token_weights``
-    [B, 77] float32 and ``image_id`` [B] bytes, plus what ``reward_text`` makes of each caption
-    (a reward model's own tokens, e.g. ``ImageRewardText``; it must pickle, for the workers).
+    [B, 77] float32 and ``image_id`` [B] bytes, with ``micro_conditioning`` SDXL's ``time_ids``
+    [B, 6] float32 (original height, width, crop top, left, target height, width), plus what
+    ``reward_text`` makes of each caption (a reward model's own tokens, e.g. ``ImageRewardText``;
+    it must pickle, for the workers).
 
     ``source`` defaults to ``data_source(config.name, config.split, config.data_dir)``; ``shard`` to
     ``(jax.process_index(), jax.process_count())``.
@@ -91,7 +96,8 @@ def make_dataset(config: InputConfig, tokenizer: Any, *, source: Any = None,
     if config.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(config.num_epochs)  # reseeds the shuffle each epoch
-    ds = ds.random_map(DecodeImage(config.resolution, config.crop, config.flip, config.image_dtype))
+    ds = ds.random_map(DecodeImage(config.resolution, config.crop, config.flip, config.image_dtype,
+                                   config.micro_conditioning))
     ds = ds.map(TokenizeWithSubjects(tokenizer, config.subject_weight, config.subject_format, config.max_length,
                                      reward_text))
     ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder)

@@ -3,7 +3,8 @@
 Architecture presets (random weights, for init or shape checks): ``sd15``, ``sd21`` and
 ``sd21-base`` are the published diffusers configs of Stable Diffusion 1.5, 2.1 (768,
 v-prediction) and 2.1-base (512, epsilon); ``tiny`` is ours, the same kind of network at toy width,
-so the whole pipeline runs in seconds on a CPU.
+so the whole pipeline runs in seconds on a CPU. ``sdxl`` is Stable Diffusion XL base 1.0's
+architecture (UNet 2.567B parameters, two text encoders), ``tiny-xl`` its toy-width twin.
 
 Shipped presets (trained weights inside the package, ``safe_jax/weights/``): the synthetic news
 world's models, trained from scratch by ``make world`` and copied in by ``launch/ship_world.py``.
@@ -53,6 +54,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         scheduler=dict(_SD_SCHEDULE, _class_name="DDIMScheduler"),
     ),
 }
+
+
+# stabilityai/stable-diffusion-xl-base-1.0's unet/, vae/ and scheduler/ configs.
+_SDXL_UNET = dict(block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
+                  attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], sample_size=128,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  use_linear_projection=True, upcast_attention=None, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+_SDXL_SCHEDULE = dict(_SD_SCHEDULE, _class_name="EulerDiscreteScheduler", interpolation_type="linear",
+                      use_karras_sigmas=False, prediction_type="epsilon", sample_max_value=1.0, skip_prk_steps=True)
+
+PRESETS.update({
+    "sdxl": dict(unet=_SDXL_UNET, vae=dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+                 text_encoder="sdxl", text_encoder_2="sdxl-2", scheduler=_SDXL_SCHEDULE),
+    # The same kind of network at toy width (as diffusers' own SDXL tests build one): a first
+    # block without attention, two transformer layers in the second, 32 + 48 text channels.
+    "tiny-xl": dict(
+        unet=dict(block_out_channels=[32, 64], layers_per_block=2, cross_attention_dim=80, attention_head_dim=[2, 4],
+                  transformer_layers_per_block=[1, 2], norm_num_groups=8, sample_size=32,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=24 + 6 * 8),
+        vae=dict(block_out_channels=[16, 32], layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                 sample_size=64, scaling_factor=0.13025, force_upcast=True),
+        text_encoder="tiny", text_encoder_2="tiny-2",
+        scheduler=dict(_SDXL_SCHEDULE),
+    ),
+})
 
 
 def preset(name: str) -> dict[str, Any]:

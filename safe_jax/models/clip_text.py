@@ -49,6 +49,7 @@ _HF_CONSTANTS = {
 }
 _PREFIX = "text_model."
 _POSITION_IDS = "text_model.embeddings.position_ids"
+_PROJECTION = "text_projection."  # CLIPTextModelWithProjection's one weight outside text_model
 # Dataclass fields of ours that are not config.json keys.
 LOCAL_FIELDS = ("hf_extra", "state_dict_prefix")
 
@@ -164,10 +165,28 @@ PRESETS: dict[str, CLIPTextConfig] = {
         num_attention_heads=16, hidden_act="gelu", projection_dim=512,
         bos_token_id=0, eos_token_id=2, pad_token_id=1,
     ),
+    # Stable Diffusion XL's two encoders: OpenAI CLIP ViT-L/14's text tower (text_encoder) and
+    # OpenCLIP ViT-bigG/14's (text_encoder_2, a CLIPTextModelWithProjection), legacy ids 0/2/1.
+    "sdxl": CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ),
+    "sdxl-2": CLIPTextConfig(
+        vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+        num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ),
     # Real vocabulary (so the real tokenizer works), toy width; modern token ids (EOS pooling).
     "tiny": CLIPTextConfig(
         vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5,
         num_attention_heads=4, hidden_act="quick_gelu", projection_dim=32,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ),
+    # tiny-xl's second encoder: another width, gelu, a projection of its own width.
+    "tiny-2": CLIPTextConfig(
+        vocab_size=49408, hidden_size=48, intermediate_size=53, num_hidden_layers=4,
+        num_attention_heads=4, hidden_act="gelu", projection_dim=24,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ),
 }
@@ -311,6 +330,29 @@ class CLIPTextModel(nn.Module):
         return text_model(input_ids, clip_skip, attention_mask)
 
 
+class CLIPTextModelWithProjection(nn.Module):
+    """``transformers.CLIPTextModelWithProjection``: SDXL's second text encoder. The same outputs
+    as ``CLIPTextModel`` plus ``text_embeds``, the pooled state through ``text_projection`` (no
+    bias): the pooled conditioning of SDXL's UNet. Its checkpoints keep the ``text_model.`` prefix
+    and add ``text_projection.weight``."""
+
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: AttentionImpl = None
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, clip_skip: int = 0, attention_mask: jax.Array | None = None
+                 ) -> dict[str, Any]:
+        out = CLIPTextTransformer(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  attention_impl=self.attention_impl, name="text_model")(
+            input_ids, clip_skip, attention_mask)
+        projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype, kernel_init=nn.initializers.normal(0.02),
+                              name="text_projection")
+        return {**out, "text_embeds": projection(out["pooler_output"])}
+
+
 def abstract_params(model: CLIPTextModel) -> dict[str, Any]:
     """The parameter tree of ``model`` as ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
     ids = jax.ShapeDtypeStruct((1, model.config.max_position_embeddings), jnp.int32)
@@ -320,14 +362,15 @@ def abstract_params(model: CLIPTextModel) -> dict[str, Any]:
 def from_hf_state_dict(
     state_dict: Mapping[str, np.ndarray], model: CLIPTextModel, *, dtype: Any = None
 ) -> dict[str, Any]:
-    """Flax params (the ``"params"`` collection) from a transformers CLIPTextModel state dict.
+    """Flax params (the ``"params"`` collection) from a transformers CLIPTextModel (or
+    CLIPTextModelWithProjection) state dict.
 
     Takes numpy arrays, keys with or without the ``text_model.`` prefix (hub checkpoints vs
     transformers 5 in memory); the legacy ``position_ids`` buffer is ignored.
     """
     normalised = {}
     for key, value in state_dict.items():
-        full = key if key.startswith(_PREFIX) else _PREFIX + key
+        full = key if key.startswith((_PREFIX, _PROJECTION)) else _PREFIX + key
         if full in normalised:
             raise SafeJaxError(f"text_encoder: the checkpoint holds {full.removeprefix(_PREFIX)!r} both with "
                                f"and without the {_PREFIX!r} prefix")

@@ -1,6 +1,9 @@
-"""UNet2DConditionModel for Stable Diffusion 1.x and 2.x, parameter-compatible with diffusers.
+"""UNet2DConditionModel for Stable Diffusion 1.x, 2.x and XL, parameter-compatible with diffusers.
 
-Takes NHWC latents. The config is diffusers' own ``unet/config.json``; anything in it that
+Takes NHWC latents. The conditioning is one pytree: the text encoding [B, L, D] for SD 1.x/2.x,
+or for SDXL (``addition_embed_type="text_time"``) a dict of ``encoder_hidden_states``, the pooled
+``text_embeds`` [B, P] and the micro-conditioning ``time_ids`` [B, 6] (original size, crop
+top-left, target size), so samplers, CFG and losses handle both without knowing which. The config is diffusers' own ``unet/config.json``; anything in it that
 this module does not implement is rejected by name instead of being silently ignored.
 """
 
@@ -35,7 +38,7 @@ UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 # Settings diffusers supports that we do not: the value we require, so a config using them fails
 # loudly. (Their defaults are what every SD 1.x / 2.x checkpoint uses.)
 _REQUIRED = {
-    "center_input_sample": False, "class_embed_type": None, "addition_embed_type": None,
+    "center_input_sample": False, "class_embed_type": None,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "time_cond_proj_dim": None,
     "dual_cross_attention": False, "only_cross_attention": False, "resnet_time_scale_shift": "default",
     "time_embedding_type": "positional", "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3,
@@ -43,8 +46,7 @@ _REQUIRED = {
     "mid_block_scale_factor": 1, "cross_attention_norm": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "num_class_embeds": None, "resnet_skip_time_act": False,
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
-    "reverse_transformer_layers_per_block": None, "addition_time_embed_dim": None,
-    "projection_class_embeddings_input_dim": None, "dropout": 0.0,
+    "reverse_transformer_layers_per_block": None, "dropout": 0.0, "addition_embed_type_num_heads": 64,
 }
 
 
@@ -69,6 +71,11 @@ class UNetConfig:
     use_linear_projection: bool = False
     upcast_attention: bool = False
     time_embedding_dim: int | None = None
+    # SDXL's added conditioning: a sinusoidal projection of each time id, concatenated with the
+    # pooled text embedding, through a timestep-style MLP added to the time embedding.
+    addition_embed_type: str | None = None  # None | "text_time"
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     @property
     def heads(self) -> tuple[int, ...]:
@@ -87,14 +94,20 @@ class UNetConfig:
             if key in cfg:
                 kw[key] = fields.config_int(source, key, cfg[key], minimum)
         for key in ("flip_sin_to_cos", "use_linear_projection", "upcast_attention"):
-            if key in cfg:
+            if key in cfg and not (key == "upcast_attention" and cfg[key] is None):  # SDXL's null = false
                 kw[key] = fields.config_bool(source, key, cfg[key])
         if "freq_shift" in cfg:
             kw["freq_shift"] = fields.config_number(source, "freq_shift", cfg["freq_shift"], minimum=0)
         if "norm_eps" in cfg:
             kw["norm_eps"] = fields.config_number(source, "norm_eps", cfg["norm_eps"], positive=True)
-        if "time_embedding_dim" in cfg:
-            kw["time_embedding_dim"] = fields.config_optional_int(source, "time_embedding_dim", cfg["time_embedding_dim"])
+        for key in ("time_embedding_dim", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if key in cfg:
+                kw[key] = fields.config_optional_int(source, key, cfg[key])
+        if cfg.get("addition_embed_type") is not None:
+            if cfg["addition_embed_type"] != "text_time":
+                raise SafeJaxError(f"{source}: unsupported UNet architecture: addition_embed_type="
+                                   f"{fields.show(cfg['addition_embed_type'])} (safe-jax supports None and 'text_time')")
+            kw["addition_embed_type"] = "text_time"
 
         def one(key: str) -> int:  # an int, or a per-block list diffusers allows but that must be uniform here
             value = fields.config_int_or_ints(source, key, cfg[key])
@@ -145,6 +158,20 @@ class UNetConfig:
         if self.freq_shift >= width // 2:
             raise SafeJaxError(f"{source}: freq_shift={self.freq_shift} must be below block_out_channels[0] / 2 "
                                f"= {width // 2}")
+        text_time = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        if self.addition_embed_type == "text_time":
+            if None in text_time:
+                raise SafeJaxError(f"{source}: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                                   "projection_class_embeddings_input_dim")
+            if self.addition_time_embed_dim % 2:
+                raise SafeJaxError(f"{source}: addition_time_embed_dim={self.addition_time_embed_dim} must be even")
+            if self.projection_class_embeddings_input_dim <= 6 * self.addition_time_embed_dim:
+                raise SafeJaxError(f"{source}: projection_class_embeddings_input_dim="
+                                   f"{self.projection_class_embeddings_input_dim} leaves no room for the pooled text "
+                                   f"embedding beside 6 time ids of {self.addition_time_embed_dim}")
+        elif text_time != (None, None):
+            raise SafeJaxError(f"{source}: addition_time_embed_dim / projection_class_embeddings_input_dim are set "
+                               "but addition_embed_type is not 'text_time'")
         heads_key = "attention_head_dim" if self.num_attention_heads is None else "num_attention_heads"
         for i, (c, h) in enumerate(zip(self.block_out_channels, self.heads)):
             has_attn = (self.down_block_types[i].startswith("CrossAttn") or i == n - 1  # the mid block
@@ -157,6 +184,21 @@ class UNetConfig:
         out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()})
         out.update(_REQUIRED)
         return out
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """The width of the pooled text embedding an SDXL UNet expects (None for SD 1.x/2.x)."""
+        if self.addition_embed_type != "text_time":
+            return None
+        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
+
+    def example_conditioning(self, batch: int = 1, length: int = 1) -> Any:
+        """A zero conditioning pytree of the right structure (for init and ``eval_shape``)."""
+        context = jnp.zeros((batch, length, self.cross_attention_dim))
+        if self.addition_embed_type != "text_time":
+            return context
+        return {"encoder_hidden_states": context, "text_embeds": jnp.zeros((batch, self.pooled_dim)),
+                "time_ids": jnp.zeros((batch, 6))}
 
 
 def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:
@@ -216,19 +258,32 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array) -> jax.Array:
-        """sample [B, H, W, C_in] NHWC, timesteps [B] or scalar, encoder_hidden_states [B, L, D]."""
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, conditioning: Any) -> jax.Array:
+        """sample [B, H, W, C_in] NHWC, timesteps [B] or scalar, conditioning: the text encoding
+        [B, L, D], or for SDXL a dict with it as ``encoder_hidden_states`` plus ``text_embeds``
+        [B, P] and ``time_ids`` [B, 6] (see the module docstring)."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         blk = dict(attention_impl=self.attention_impl, remat_policy=self.remat_policy, **kw)
         n = len(cfg.block_out_channels)
-        context = encoder_hidden_states.astype(self.dtype)
+        text_time = cfg.addition_embed_type == "text_time"
+        if text_time != isinstance(conditioning, Mapping):
+            raise SafeJaxError("this UNet needs " + ("a dict of encoder_hidden_states, text_embeds and time_ids"
+                                                     if text_time else "the text encoding array") + " as conditioning")
+        context = (conditioning["encoder_hidden_states"] if text_time else conditioning).astype(self.dtype)
 
         t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
         temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         time_dim = cfg.time_embedding_dim or cfg.block_out_channels[0] * 4
         temb = temb.astype(self.dtype)
         temb = _TimestepEmbedding(time_dim, name="time_embedding", **kw)(temb)
+        if text_time:  # diffusers' add_time_proj + add_embedding, added to the time embedding
+            time_ids = conditioning["time_ids"]
+            b = sample.shape[0]
+            ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                     cfg.freq_shift).reshape(b, -1)
+            added = jnp.concatenate([conditioning["text_embeds"].astype(jnp.float32), ids], axis=-1)
+            temb = temb + _TimestepEmbedding(time_dim, name="add_embedding", **kw)(added.astype(self.dtype))
 
         x = conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(sample.astype(self.dtype))
         skips = [x]

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 from safe_jax.errors import SafeJaxError
 from safe_jax.pretrain.data import HELD_OUT_SEED
+from safe_jax.sampling import SAMPLERS
 from safe_jax.train.config_check import (
     _check_writable,  # the workdir probe training uses
 )
@@ -128,7 +129,7 @@ TASKS: dict[str, dict[str, Check]] = {
         "sample.count": _int(0),
         "sample.steps": _int(1),
         "sample.guidance": _number(),
-        "sample.scheduler": _choice("ddim", "euler_a", "dpm++2m"),
+        "sample.scheduler": _choice(*SAMPLERS),
     },
 }
 

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from safe_jax.errors import SafeJaxError
+from safe_jax.sampling import SAMPLERS  # the names live in the package, JAX-free, for command lines
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("leading", "trailing", "linspace")
-SAMPLERS = ("ddim", "euler_a", "dpm++2m")
 
 _F32 = np.float32
 # diffusers' Euler/DPM schedulers replace a zero terminal alpha_bar by this to keep sigma finite.
@@ -149,6 +149,11 @@ class ScheduleConfig:
                 lower_order_final=True, euler_at_final=False, final_sigmas_type="zero",
                 use_karras_sigmas=False, thresholding=False,
             )
+        if class_name == "EulerDiscreteScheduler":
+            out.update(
+                interpolation_type="linear", use_karras_sigmas=False, use_exponential_sigmas=False,
+                use_beta_sigmas=False, timestep_type="discrete", final_sigmas_type="zero",
+            )
         return out
 
 
@@ -261,8 +266,8 @@ class Sampler:
     """Precomputed per-step tables for one (sampler, schedule, step count).
 
     ``timesteps`` holds the UNet's timestep input for each step as float32 for every sampler
-    (integer-valued for ddim and dpm++2m; euler_a with linspace spacing is fractional, as in
-    diffusers). ``coef`` maps names to float32 [num_steps] tables whose meaning depends on
+    (integer-valued for ddim and dpm++2m; euler and euler_a with linspace spacing are fractional,
+    as in diffusers). ``coef`` maps names to float32 [num_steps] tables whose meaning depends on
     ``name``; ``step`` reads them at the step index.
 
     It is a registered pytree (tables are leaves, the rest static), so it can be closed over
@@ -288,7 +293,7 @@ class Sampler:
 
     def scale_model_input(self, sample: jax.Array, i: jax.Array | int) -> jax.Array:
         """Euler works in the variance-exploding parameterisation; the UNet expects unit variance."""
-        if self.name != "euler_a":
+        if self.name not in ("euler", "euler_a"):
             return sample
         return (sample.astype(jnp.float32) / self._c("in_div", i)).astype(sample.dtype)
 
@@ -313,6 +318,8 @@ class Sampler:
         out = model_output.astype(jnp.float32)
         if self.name == "ddim":
             nxt = self._ddim(out, i, x)
+        elif self.name == "euler":
+            nxt = self._euler(out, i, x)
         elif self.name == "euler_a":
             if noise is None:
                 if key is None:
@@ -333,15 +340,20 @@ class Sampler:
             x0, eps = sa * x - sb * out, sa * out + sb * x
         return self._c("sqrt_a_prev", i) * x0 + self._c("sqrt_b_prev", i) * eps
 
-    def _euler_a(self, out: jax.Array, i: jax.Array | int, x: jax.Array, noise: jax.Array) -> jax.Array:
-        # Deterministic Euler step down to sigma_down, then fresh noise of std sigma_up.
+    def _euler(self, out: jax.Array, i: jax.Array | int, x: jax.Array) -> jax.Array:
+        # Deterministic Euler step from sigma to the table's target sigma ("dt" = target - sigma):
+        # the next sigma for euler (s_churn = 0), sigma_down for euler_a.
         sigma = self._c("sigma", i)
         if self.prediction_type == "epsilon":
             x0 = x - sigma * out
         else:
             x0 = out * self._c("v_out", i) + x / self._c("in_div_sq", i)
         derivative = (x - x0) / sigma
-        return (x + derivative * self._c("dt", i)) + noise * self._c("sigma_up", i)
+        return x + derivative * self._c("dt", i)
+
+    def _euler_a(self, out: jax.Array, i: jax.Array | int, x: jax.Array, noise: jax.Array) -> jax.Array:
+        # Deterministic Euler step down to sigma_down, then fresh noise of std sigma_up.
+        return self._euler(out, i, x) + noise * self._c("sigma_up", i)
 
     def _dpmpp_2m(
         self, state: SamplerState, out: jax.Array, i: jax.Array | int, x: jax.Array
@@ -429,13 +441,13 @@ def _make_ddim(cfg: ScheduleConfig, n: int) -> Sampler:
     return Sampler("ddim", cfg.prediction_type, ts.astype(_F32), 1.0, coef)
 
 
-def _make_euler_a(cfg: ScheduleConfig, n: int) -> Sampler:
+def _euler_tables(cfg: ScheduleConfig, n: int) -> tuple[np.ndarray, np.ndarray, float, dict[str, np.ndarray]]:
+    """What EulerDiscreteScheduler and EulerAncestralDiscreteScheduler share with their diffusers
+    defaults (interpolation_type "linear", no Karras/exponential/beta sigmas, final sigma 0):
+    timesteps, the n+1 sigmas, init_noise_sigma and the input-scaling / v-prediction tables."""
     ts = _timesteps_ddim_like(cfg, n, np.float32)
     sig = _interp_sigmas(cfg, ts)
-    s_from, s_to = sig[:-1], sig[1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        up = np.sqrt(s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from))
-        down = np.sqrt(np.maximum(s_to * s_to - up * up, _F32(0)))
+    s_from = sig[:-1]
     var = s_from * s_from + _F32(1)
     smax = sig.max()
     init = smax if cfg.timestep_spacing in ("linspace", "trailing") else np.sqrt(smax * smax + _F32(1))
@@ -444,10 +456,27 @@ def _make_euler_a(cfg: ScheduleConfig, n: int) -> Sampler:
         "in_div": np.sqrt(var),
         "in_div_sq": var,
         "v_out": -s_from / np.sqrt(var),
-        "dt": down - s_from,
-        "sigma_up": up,
     }
-    return Sampler("euler_a", cfg.prediction_type, ts, float(init), coef)
+    return ts, sig, float(init), coef
+
+
+def _make_euler(cfg: ScheduleConfig, n: int) -> Sampler:
+    # diffusers' step() with its default s_churn = 0: gamma = 0, sigma_hat = sigma * 1 = sigma,
+    # no noise drawn, so the sampler is deterministic and dt is simply next sigma - sigma.
+    ts, sig, init, coef = _euler_tables(cfg, n)
+    coef["dt"] = sig[1:] - sig[:-1]
+    return Sampler("euler", cfg.prediction_type, ts, init, coef)
+
+
+def _make_euler_a(cfg: ScheduleConfig, n: int) -> Sampler:
+    ts, sig, init, coef = _euler_tables(cfg, n)
+    s_from, s_to = sig[:-1], sig[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        up = np.sqrt(s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from))
+        down = np.sqrt(np.maximum(s_to * s_to - up * up, _F32(0)))
+    coef["dt"] = down - s_from
+    coef["sigma_up"] = up
+    return Sampler("euler_a", cfg.prediction_type, ts, init, coef)
 
 
 def _make_dpmpp_2m(cfg: ScheduleConfig, n: int) -> Sampler:
@@ -487,7 +516,7 @@ def make_sampler(name: str, cfg: ScheduleConfig, num_steps: int) -> Sampler:
         raise SafeJaxError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
     if not _is_int(num_steps) or not 1 <= num_steps <= cfg.num_train_timesteps:
         raise SafeJaxError(f"num_steps must be an integer in [1, {cfg.num_train_timesteps}], got {num_steps!r}")
-    build = {"ddim": _make_ddim, "euler_a": _make_euler_a, "dpm++2m": _make_dpmpp_2m}[name]
+    build = {"ddim": _make_ddim, "euler": _make_euler, "euler_a": _make_euler_a, "dpm++2m": _make_dpmpp_2m}[name]
     sampler = build(cfg, int(num_steps))
     for k, v in sampler.coef.items():
         if not np.all(np.isfinite(v)):

@@ -87,9 +87,13 @@ def tokenize(
     return np.asarray(ids, dtype=np.int32)
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerBase:
-    """OpenAI CLIP's tokenizer (as SD 1.x uses it), built offline from the bundled BPE data."""
-    return load_tokenizer(bundled_clip_vocab_dir())
+def tiny_tokenizer(pad_token: str | None = None) -> PreTrainedTokenizerBase:
+    """OpenAI CLIP's tokenizer (as SD 1.x uses it), built offline from the bundled BPE data;
+    ``pad_token="!"`` gives SDXL's second tokenizer (the same BPE, padded with "!")."""
+    tokenizer = load_tokenizer(bundled_clip_vocab_dir())
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
+    return tokenizer
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Throughput and MFU of our SAFE denoising train step for SD 1.5 at 512x512 in bf16, on a GPU/TPU.
+"""Throughput and MFU of our SAFE denoising train step for SD 1.5 at 512x512 and SDXL at 1024x1024
+in bf16, on a GPU/TPU.
 
 The step is the real one (``make_train_step`` + ``compile_train_step``: subject-weighted CLIP
 conditioning, conditioning dropout, VAE encode unless latents are given, epsilon MSE, AdamW with
@@ -8,6 +9,13 @@ clipping, EMA unless --no-ema, NaN guard), on a mesh of all local devices (data 
     python benchmarks/gpu_train_step.py --mode lora --batch 16   # LoRA rank 4 on the attention projections
     python benchmarks/gpu_train_step.py --model /ckpt/sd15 --input images --attention cudnn --remat
     python benchmarks/gpu_train_step.py --quick                  # tiny preset on any backend (CPU): a smoke run
+    python benchmarks/gpu_train_step.py --model sdxl --mode lora --batch 4 --remat --fsdp 8   # SDXL 1024², LoRA
+    python benchmarks/gpu_train_step.py --model sdxl --batch 4 --remat --fsdp 8                # SDXL full, FSDP
+    python benchmarks/gpu_train_step.py --quick --model tiny-xl --fsdp 1                       # SDXL's road on CPU
+
+The image size defaults to the model's own (512 for SD 1.5, 1024 for SDXL). SDXL's step also carries
+its pooled text embedding and micro-conditioning time ids, as training does. --fsdp N shards
+parameters, optimizer state and frozen encoders over N devices (the rest of the mesh is data).
 
 Reported: median seconds per step (over --repeats groups of --steps back-to-back steps, so dispatch
 overlaps as in training), images/s, and MFU = FLOPs per step / (step time x peak dense bf16 FLOP/s
@@ -54,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=("full", "lora"), default="full", help="train the whole UNet or LoRA")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
     p.add_argument("--batch", type=int, default=None, help="global batch size (default 8; --quick: 2)")
-    p.add_argument("--resolution", type=int, default=None, help="image size (default 512; --quick: the model's)")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's, 512 / 1024)")
+    p.add_argument("--fsdp", type=int, default=1, help="devices on the mesh's FSDP axis (the rest: data)")
     p.add_argument("--input", choices=("latents", "images"), default="latents",
                    help="batch holds precomputed latents [B, H/8, W/8, 4] or images [B, H, W, 3] (VAE encode in the step)")
     p.add_argument("--attention", choices=("default", "xla", "cudnn"), default="default",
@@ -140,7 +149,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     pipe, params = StableDiffusion.from_pretrained(args.model, dtype=dtype, attention_impl=impl,
                                                    remat_policy=args.remat, seed=args.seed)
-    size = args.resolution or (512 if args.model != "tiny" else pipe.default_size)
+    size = args.resolution or pipe.default_size
     f = pipe.vae.config.downscale
     latent = size // f
     n_unet = sum(x.size for x in jax.tree.leaves(params["unet"]))
@@ -156,20 +165,23 @@ def main(argv=None) -> int:
         trainable, frozen_unet = params["unet"], {}
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
     state = ts.init_state(trainable, tx, seed=args.seed, ema=not args.no_ema)
-    frozen = {"text_encoder": params["text_encoder"], "vae": params["vae"], "unet": frozen_unet, "reward": {}}
+    frozen = {"text_encoder": pipe.conditioner.text_params(params), "vae": params["vae"], "unet": frozen_unet,
+              "reward": {}}
 
     b = args.batch
     caps = [CAPTIONS[i % len(CAPTIONS)] for i in range(b)]
     tw = pipe.token_weights([c for c, _ in caps], [s for _, s in caps])
     rng = np.random.default_rng(args.seed)
     batch = {"input_ids": jnp.asarray(tw.ids), "token_weights": jnp.asarray(tw.weights)}
+    if pipe.is_xl:  # SDXL's micro-conditioning: original size, crop top-left, target size
+        batch["time_ids"] = jnp.asarray(np.tile([size, size, 0, 0, size, size], (b, 1)), jnp.float32)
     if args.input == "latents":
         batch["latents"] = jnp.asarray(rng.standard_normal((b, latent, latent, 4), np.float32)
                                        * pipe.vae.config.scaling_factor * 5)
     else:
         batch["images"] = jnp.asarray(rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32))
 
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(data=-1, fsdp=args.fsdp)
     if b % mesh.size:
         raise SystemExit(f"batch {b} is not a multiple of the {mesh.size} devices")
     step_fn = ts.make_train_step(ts.DiffusionModel.from_modules(pipe.unet, pipe.vae, pipe.schedule), pipe.conditioner, cfg, tx)
@@ -180,7 +192,8 @@ def main(argv=None) -> int:
     frozen = jax.device_put(frozen, sharding.shardings_for(frozen, mesh))
     batch = jax.device_put(batch, jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch))
     print(f"mode {args.mode} ({n_train / 1e6:.2f}M trainable), batch {b} {args.input}, attention "
-          f"{args.attention}, remat {args.remat or 'none'}, EMA {'off' if args.no_ema else 'on'}; "
+          f"{args.attention}, remat {args.remat or 'none'}, EMA {'off' if args.no_ema else 'on'}, mesh "
+          f"{dict(mesh.shape)}; "
           f"compiled in {t_compile:.1f} s")
 
     # FLOPs: the compiled program's (hardware FLOPs, recomputation included) and, for MFU, a

@@ -3,6 +3,8 @@ encoders, the whole pipeline, Compel's SDXL weighting, the export round trip, th
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,3 +245,47 @@ def test_sdxl_preset_has_diffusers_parameter_counts():
     for model, name, n in ((clip_text.CLIPTextModel, "sdxl", te[0]), (clip_text.CLIPTextModelWithProjection, "sdxl-2", te[1])):
         tree = clip_text.abstract_params(model(clip_text.preset(name)))
         assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)) == n, name
+
+
+# ------------------------------------------------------------------------------ SAFE fine-tuning, end to end
+def test_safe_fine_tune_of_an_sdxl_folder_exports_back_to_diffusers(tiny_xl_folder, tmp_path):
+    """`safe-jax train` on a local SDXL folder with the SD 1.5 demo's command: LoRA, denoising then
+    ReFL (DFE), subject-weighted. The merged export loads in StableDiffusionXLPipeline and draws our
+    images; the LoRA file, loaded by diffusers onto the base folder, draws the same images."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pytest.importorskip("peft")
+    root = Path(__file__).resolve().parents[1]
+    folder, _ = tiny_xl_folder
+    data_dir, workdir = tmp_path / "tfds", tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch.train", "--config", "launch/configs/tiny_safe.py",
+           f"--config.model={folder}", f"--config.workdir={workdir}", f"--config.data.data_dir={data_dir}",
+           "--config.data.resolution=32", "--config.data.batch_size=2", "--config.steps=2",
+           "--config.loss.refl_steps=2", "--config.loss.refl_step_min=1", "--config.loss.refl_step_max=1",
+           "--config.sample.every=0", "--config.checkpoint.every=2", "--config.optim.warmup_steps=0",
+           "--config.optim.lr=0.05", "--config.log_every=1"]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("reward") is not None for m in metrics)  # a ReFL step ran (null on denoising steps)
+    assert any(m.get("denoising_loss") is not None for m in metrics)
+
+    export = workdir / "export"
+    pipe, params = StableDiffusion.from_pretrained(export)
+    base_pipe, base_params = StableDiffusion.from_pretrained(folder)
+    latents = _latents(pipe, len(PROMPTS), seed=6)
+    kw = dict(num_steps=4, guidance_scale=5.0, latents=latents)
+    ours = pipe.generate(params, PROMPTS, **kw)
+    base = base_pipe.generate(base_params, PROMPTS, **kw)
+    assert np.abs(ours.astype(int) - base).mean() > 0.5  # the fine-tune changed the model
+    merged = StableDiffusionXLPipeline.from_pretrained(export)
+    assert np.abs(ours / 255.0 - _diffusers_images(merged, latents, 4, 5.0, "euler")).mean() <= 1 / 255
+    with_lora = StableDiffusionXLPipeline.from_pretrained(folder)
+    with_lora.load_lora_weights(str(export / "pytorch_lora_weights.safetensors"))
+    assert np.abs(ours / 255.0 - _diffusers_images(with_lora, latents, 4, 5.0, "euler")).mean() <= 1 / 255

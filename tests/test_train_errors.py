@@ -139,13 +139,16 @@ def test_validate_config_names_the_field(field, value):
 
 
 def test_validate_config_accepts_the_shipped_configs_and_refuses_unknown_fields():
-    from launch.configs import base, sd15_safe, sd21_safe, tiny_safe
+    from launch.configs import base, sd15_safe, sd21_safe, sdxl_safe, tiny_safe
     from safe_jax.train.config_check import validate_config
 
-    for module in (base, tiny_safe, sd15_safe, sd21_safe):
+    for module in (base, tiny_safe, sd15_safe, sd21_safe, sdxl_safe):
         config = module.get_config()
         config.model, config.reward.clip = "tiny", "tiny"  # the real recipes name local folders
         validate_config(config, devices=1)
+    config = sdxl_safe.get_config()
+    config.model, config.reward.clip = "tiny-xl", "tiny"
+    validate_config(config, devices=8)  # the FSDP axis takes every device
     config = tiny_safe.get_config()
     config.unlock()
     config.optim.lrr = 1e-4

@@ -19,16 +19,18 @@ from safe_jax.train import lora, losses, rewards
 from safe_jax.train import step as ts
 
 
-def _setup(cfg: ts.StepConfig, lr=1e-3, batch_size=2, seed=0):
-    pipe, params = StableDiffusion.from_pretrained("tiny")
+def _setup(cfg: ts.StepConfig, lr=1e-3, batch_size=2, seed=0, preset="tiny"):
+    pipe, params = StableDiffusion.from_pretrained(preset)
     tx = ts.make_optimizer(lr, total_steps=100, schedule="constant", weight_decay=0.0)
     trainable = lora.init_lora(params["unet"], jax.random.key(seed), rank=4) if cfg.mode == "lora" else params["unet"]
-    frozen = {"text_encoder": params["text_encoder"], "vae": params["vae"],
+    frozen = {"text_encoder": pipe.conditioner.text_params(params), "vae": params["vae"],
               "unet": params["unet"] if cfg.mode == "lora" else {}, "reward": {}}
     captions = ["Boris Johnson on Tower Bridge", "firefighters at a flooded street"] * (batch_size // 2)
     tw = pipe.token_weights(captions, [["Boris Johnson"], ["firefighters"]] * (batch_size // 2))
     batch = {"input_ids": jnp.asarray(tw.ids), "token_weights": jnp.asarray(tw.weights),
              "images": jax.random.uniform(jax.random.key(1), (batch_size, 64, 64, 3), minval=-1, maxval=1)}
+    if pipe.is_xl:  # each image's (original size, crop top-left, target size)
+        batch["time_ids"] = jnp.asarray([[96, 80 + i, i, 0, 64, 64] for i in range(batch_size)], jnp.float32)
     return pipe, tx, ts.init_state(trainable, tx, seed=seed), frozen, batch
 
 
@@ -119,10 +121,11 @@ SHARDED = textwrap.dedent("""
     from test_train_step import _setup, _step_fn
     from safe_jax import sharding
     from safe_jax.train import step as ts
+    preset = sys.argv[1]
     cfg = ts.StepConfig(mode="full", loss="denoising", cond_dropout=0.0, ema_decay=None)
     results = {}
     for name, mesh in (("one", sharding.make_mesh(devices=jax.devices()[:1])), ("2x4", sharding.make_mesh(data=2, fsdp=4))):
-        pipe, tx, state, frozen, batch = _setup(cfg, batch_size=8)
+        pipe, tx, state, frozen, batch = _setup(cfg, batch_size=8, preset=preset)
         step_fn = _step_fn(pipe, cfg, tx)
         compiled = ts.compile_train_step(step_fn, state, frozen, batch, mesh)
         state = jax.device_put(state, sharding.shardings_for(state, mesh))
@@ -147,9 +150,10 @@ SHARDED = textwrap.dedent("""
 """)
 
 
-def test_sharded_step_equals_single_device():
+@pytest.mark.parametrize("preset", ["tiny", "tiny-xl"])
+def test_sharded_step_equals_single_device(preset):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=900,
+    res = subprocess.run([sys.executable, "-c", SHARDED, preset], env=env, capture_output=True, text=True, timeout=900,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "REL" in res.stdout
@@ -181,3 +185,40 @@ def test_training_conditions_as_inference_does(weight, tmp_path):
                              subjects=[as_texts(r["subjects"]) for r in records], subject_weight=weight)
     assert (np.asarray(batch["token_weights"]) != 1).any()  # the captions have weighted subjects
     assert rel_l2(ours, ref) <= 1e-6
+
+
+def test_sdxl_training_conditions_as_inference_does(tmp_path):
+    """SDXL: the step's conditioning from the input pipeline (subject weights, micro-conditioning
+    time ids) equals ``pipe.encode_prompt`` plus those time ids; the dropped condition is the
+    empty prompt's text parts with the image's own time ids kept."""
+    from launch.configs import tiny_safe
+    from safe_jax.data import InputConfig, data_source, make_iterator
+    from safe_jax.data.source import as_text, as_texts
+    from safe_jax.text.conditioner import with_time_ids
+
+    config = tiny_safe.get_config()
+    pipe, params = StableDiffusion.from_pretrained("tiny-xl")
+    step_cfg = ts.StepConfig.from_config(config)
+    data = make_iterator(InputConfig(data_dir=str(tmp_path / "tfds"), resolution=16, batch_size=4, worker_count=0,
+                                     shuffle=False, subject_weight=step_cfg.subjects.weight, micro_conditioning=True),
+                         pipe.tokenizer)
+    batch = next(data)
+    assert batch["time_ids"].shape == (4, 6) and (np.asarray(batch["time_ids"])[:, 4:] == 16).all()
+    text_params = pipe.conditioner.text_params(params)
+    keys = ("input_ids", "token_weights", "time_ids")
+    ours = jax.jit(lambda p, b: ts.step_conditioning(pipe.conditioner, step_cfg, p, b))(
+        text_params, {k: batch[k] for k in keys})
+    source = data_source("anchor/sample", "train", str(tmp_path / "tfds"))
+    by_id = {source[i]["image_id"]: source[i] for i in range(len(source))}
+    records = [by_id[bytes(image_id)] for image_id in batch["image_id"]]
+    ref = with_time_ids(pipe.encode_prompt(params, [as_text(r["caption"]) for r in records],
+                                           subjects=[as_texts(r["subjects"]) for r in records]), batch["time_ids"])
+    assert set(ours) == {"encoder_hidden_states", "text_embeds", "time_ids"}
+    for key in ours:
+        assert rel_l2(ours[key], ref[key]) <= 1e-6, key
+
+    empty = pipe.conditioner.empty(text_params)
+    dropped = losses.drop_conditioning(ours, empty, 1.0, jax.random.key(0))
+    np.testing.assert_array_equal(dropped["time_ids"], ours["time_ids"])
+    for key in ("encoder_hidden_states", "text_embeds"):
+        np.testing.assert_array_equal(dropped[key], np.broadcast_to(empty[key], ours[key].shape))

@@ -106,7 +106,7 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
         trainable = lora.init_lora(params["unet"], jax.random.key(config.seed), rank=config.lora_rank)
     else:
         trainable = params["unet"]
-    frozen = {"text_encoder": params["text_encoder"], "vae": params["vae"],
+    frozen = {"text_encoder": pipe.conditioner.text_params(params), "vae": params["vae"],
               "unet": params["unet"] if config.mode == "lora" else {}, "reward": reward_params}
     frozen = _put(frozen, sharding.shardings_for(frozen, mesh))
     trainable = _put(trainable, sharding.shardings_for(trainable, mesh))
@@ -119,7 +119,8 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
     batch_size = _per_host_batch(config, mesh)
     length = pipe.conditioner.max_length  # the text encoder's, not a constant
     input_cfg = InputConfig(**{**config.data, "batch_size": batch_size}, seed=config.seed, max_length=length,
-                            subject_weight=step_cfg.subjects.weight, subject_format=step_cfg.subjects.format)
+                            subject_weight=step_cfg.subjects.weight, subject_format=step_cfg.subjects.format,
+                            micro_conditioning=pipe.is_xl)  # SDXL: each image's size and crop as time ids
     data = resources.add("data", GlobalBatches(make_iterator(input_cfg, pipe.tokenizer, source=source,
                                                              reward_text=reward_text), mesh))
 
@@ -128,6 +129,8 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
                "token_weights": jax.ShapeDtypeStruct((global_batch, length), jnp.float32),
                "images": jax.ShapeDtypeStruct((global_batch, config.data.resolution, config.data.resolution, 3),
                                               jnp.float32)}
+    if pipe.is_xl:
+        example["time_ids"] = jax.ShapeDtypeStruct((global_batch, 6), jnp.float32)
     if reward_text is not None:  # the reward model's own tokens of each caption: fixed shapes, whatever the caption
         example.update({key: jax.ShapeDtypeStruct((global_batch, *np.shape(value)), np.asarray(value).dtype)
                         for key, value in reward_text("").items()})

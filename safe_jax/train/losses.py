@@ -20,17 +20,26 @@ import jax.numpy as jnp
 
 from safe_jax.sampling import schedulers
 
-UNetFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]  # (params, x NHWC, t [B], context) -> out
+UNetFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]  # (params, x NHWC, t [B], conditioning) -> out
 DecodeFn = Callable[[jax.Array], jax.Array]  # latents (already / scaling_factor) -> images in [-1, 1]
 RewardFn = Callable[[jax.Array, dict], jax.Array]  # (images [B,H,W,3] in [0,1], batch) -> [B]
 
 
-def drop_conditioning(context: jax.Array, empty: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    """Replace each sample's conditioning by the empty prompt's with probability ``rate``."""
+def drop_conditioning(context: Any, empty: Any, rate: float, key: jax.Array) -> Any:
+    """Replace each sample's conditioning by the empty prompt's with probability ``rate``.
+
+    SDXL's conditioning is a dict: the text parts (``empty``'s keys: the sequence and the pooled
+    embedding) are dropped together, the micro-conditioning ``time_ids`` kept, as diffusers' SDXL
+    training script does when it swaps a caption for ""."""
     if rate <= 0:
         return context
-    drop = jax.random.bernoulli(key, rate, (context.shape[0], 1, 1))
-    return jnp.where(drop, jnp.broadcast_to(empty, context.shape), context)
+    if not isinstance(context, dict):
+        drop = jax.random.bernoulli(key, rate, (context.shape[0], 1, 1))
+        return jnp.where(drop, jnp.broadcast_to(empty, context.shape), context)
+    b = next(iter(context.values())).shape[0]
+    drop = jax.random.bernoulli(key, rate, (b,))
+    swap = lambda c, e: jnp.where(drop.reshape((b,) + (1,) * (c.ndim - 1)), jnp.broadcast_to(e, c.shape), c)
+    return {k: swap(v, empty[k]) if k in empty else v for k, v in context.items()}
 
 
 def denoising_loss(

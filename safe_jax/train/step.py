@@ -20,7 +20,7 @@ from safe_jax import sharding
 from safe_jax.errors import SafeJaxError
 from safe_jax.models.vae import AutoencoderKL, sample_posterior
 from safe_jax.sampling.schedulers import ScheduleConfig
-from safe_jax.text.conditioner import SubjectSettings, TextConditioner
+from safe_jax.text.conditioner import SubjectSettings, TextConditioner, with_time_ids
 from safe_jax.train import lora, losses
 
 
@@ -124,21 +124,24 @@ class DiffusionModel:
 
 
 def step_conditioning(conditioner: TextConditioner, cfg: StepConfig, text_params: Any, batch: dict,
-                      z_empty: jax.Array | None = None) -> jax.Array:
+                      z_empty: Any = None) -> Any:
     """The subject-weighted context [B, 77, C] a step trains on: ``cfg.subjects``' weighting of the
-    batch's token weights, with as many Compel blend passes as the settings allow (w < 1)."""
-    return conditioner(text_params, batch["input_ids"], batch["token_weights"], cfg.subjects.weighting,
-                       cfg.subjects.training_downweighted, z_empty=z_empty)
+    batch's token weights, with as many Compel blend passes as the settings allow (w < 1). For
+    SDXL, the conditioning dict, completed by the batch's ``time_ids`` (each image's own size and crop)."""
+    context = conditioner(text_params, batch["input_ids"], batch["token_weights"], cfg.subjects.weighting,
+                          cfg.subjects.training_downweighted, z_empty=z_empty)
+    return with_time_ids(context, batch["time_ids"]) if isinstance(context, dict) else context
 
 
 def make_train_step(model: DiffusionModel, conditioner: TextConditioner, cfg: StepConfig,
                     tx: optax.GradientTransformation, reward=None):
     """``step(state, frozen, batch) -> (state, metrics)``.
 
-    ``frozen``: {"text_encoder", "vae", "unet" (the base, for LoRA), "reward"} parameter trees.
+    ``frozen``: {"text_encoder" (``conditioner.text_params``: for SDXL both encoders), "vae",
+    "unet" (the base, for LoRA), "reward"} parameter trees.
     ``batch``: "input_ids" and "token_weights" [B, 77] (subject weights), and either "latents"
-    [B, h, w, 4] (precomputed, already scaled) or "images" [B, H, W, 3] in [-1, 1]; ReFL rewards
-    may read more keys (e.g. "gt_images" for DFE).
+    [B, h, w, 4] (precomputed, already scaled) or "images" [B, H, W, 3] in [-1, 1]; for SDXL
+    "time_ids" [B, 6]; ReFL rewards may read more keys (e.g. "gt_images" for DFE).
     """
     schedule, scaling = model.schedule, model.scaling_factor
     if cfg.loss != "denoising" and reward is None:

@@ -11,33 +11,20 @@ micro-conditioning time ids (the input pipeline records them). ReFL decodes 1024
 SDXL's VAE and scores them with the DFE reward; the sample grids use SDXL's Euler sampler.
 """
 
-from launch.configs import base
+from launch.configs import sd15_safe
 
 
 def get_config():
-    c = base.get_config()
+    c = sd15_safe.get_config()          # the same recipe: data, subject weight, optimizer, reward, checkpoints
     c.model = "/models/stable-diffusion-xl-base-1.0"  # a local diffusers StableDiffusionXLPipeline folder
     c.workdir = "runs/sdxl_safe"
     c.steps = 15000 * 2               # 15k optimizer updates × accumulation 2
-    c.mode = "lora"
-    c.lora_rank = 4
     c.dtype = "bfloat16"
-    c.remat_policy = "full"
     c.mesh.data = 1                   # every device on the FSDP axis: a 2.6B UNet and its optimizer state
     c.mesh.fsdp = -1                  # are split across the mesh, the batch too
-    c.data.name = "anchor/default"
     c.data.resolution = 1024
     c.data.batch_size = 8             # per process, a multiple of the device count: 8 × 2 = sd15_safe's 16
-    c.subjects.weight = 1.21
-    c.optim.lr = 1e-4
-    c.optim.schedule = "cosine"
-    c.optim.weight_decay = 1e-2
-    c.optim.clip_norm = 1.0
     c.optim.accumulate = 2
-    c.reward.name = "dfe"
-    c.reward.clip = "/models/PickScore_v1"  # a transformers CLIPModel folder
-    c.checkpoint.every = 1000
-    c.sample.every = 2000
     c.sample.scheduler = "euler"
     c.sample.steps = 30
     c.sample.guidance = 5.0

@@ -38,6 +38,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0,
                                    flag_values=FLAGS)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run", flag_values=FLAGS)
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index", flag_values=FLAGS)
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100,
+                                 "seconds without a heartbeat before JAX's distributed runtime declares a process dead "
+                                 "and stops the others (so a crashed host ends the run instead of hanging it)",
+                                 lower_bound=1, flag_values=FLAGS)
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "auto: initialise JAX's distributed runtime when --coordinator is given, "
                                  "under a multi-task SLURM job, or on a multi-worker TPU VM", flag_values=FLAGS)
@@ -58,9 +62,9 @@ def init_distributed() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes: collectives over TCP
     if explicit:
         jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
-    else:
-        jax.distributed.initialize()  # SLURM / TPU: the cluster environment says who is who
+                                   process_id=_PROCESS_ID.value, heartbeat_timeout_seconds=_HEARTBEAT.value)
+    else:  # SLURM / TPU: the cluster environment says who is who
+        jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT.value)
 
 
 def main(argv: list[str] | None = None, prog: str = "safe-jax train") -> int:

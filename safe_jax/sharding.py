@@ -222,6 +222,23 @@ def host_copy(tree: Any) -> Any:
     return jax.tree.map(copy, tree)
 
 
+def host_copy_to_process_0(tree: Any) -> Any:
+    """``host_copy`` where only process 0 needs the values (an export, sample grids): on process 0
+    the numpy tree, on the others ``None``. Multi-host sharded leaves are still gathered by a
+    collective every process joins, but one leaf at a time, and the other processes drop each
+    leaf at once: their host memory holds one tensor, not the trained tree (3.4 GB for SD 1.5)."""
+    if jax.process_count() == 1:
+        return host_copy(tree)
+    keep = jax.process_index() == 0
+    leaves, treedef = jax.tree.flatten(tree)
+    out = []
+    for leaf in leaves:
+        value = host_copy(leaf)  # a collective for sharded leaves: every process, same order
+        out.append(value if keep else None)
+        del value
+    return jax.tree.unflatten(treedef, out) if keep else None
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over ``data`` × ``fsdp``; other dimensions whole."""
     return NamedSharding(mesh, logical_to_spec(("batch",), mesh))

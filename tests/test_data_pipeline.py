@@ -23,6 +23,7 @@ from safe_jax.data import (  # noqa: E402
     make_iterator,
 )
 from safe_jax.text.conditioning import DEFAULT_WEIGHT, subject_token_weights  # noqa: E402
+from safe_jax.errors import SafeJaxError  # noqa: E402
 from safe_jax.text.tokenizer import tiny_tokenizer  # noqa: E402
 
 
@@ -295,36 +296,27 @@ def test_resume_in_process_is_exact(data_dir, tokenizer):
     assert_same(take(resumed, 6), expected)
 
 
-def test_resume_through_orbax_with_worker_processes(data_dir, tokenizer, tmp_path):
-    """Save the train state and the iterator (2 worker processes) with the training Checkpointer
-    (orbax); restore in a fresh iterator; the next global batches equal the uninterrupted run's,
-    bit for bit."""
-    import orbax.checkpoint as ocp
+def test_start_reads_on_like_an_uninterrupted_run_with_worker_processes(data_dir, tokenizer):
+    """``start=k`` (2 worker processes) gives the batches an uninterrupted iterator gives after k,
+    bit for bit, past the first epoch too: the data position a checkpoint records is the step."""
+    cfg = config(data_dir, batch_size=8, worker_count=2, read_threads=1, resolution=24)
+    expected = take(make_iterator(cfg, tokenizer, shard=(0, 1)), 37)[34:]  # 270 records: epoch 2 from batch 34
+    assert_same(take(make_iterator(cfg, tokenizer, shard=(0, 1), start=34), 3), expected)
+    assert expected[0]["images"].dtype == np.uint8 and expected[0]["images"].std() > 5  # real pictures
+    with pytest.raises(SafeJaxError, match="start must be a global batch index"):
+        make_iterator(cfg, tokenizer, shard=(0, 1), start=-1)
 
-    from safe_jax.train.checkpoints import Checkpointer
 
-    cfg = config(data_dir, batch_size=2, worker_count=2, read_threads=1, resolution=24)
-    mesh = jax.make_mesh((1,), ("data",))
-    train_state = {"step": jnp.array(3), "w": jnp.arange(4.0)}
-    with GlobalBatches(make_iterator(cfg, tokenizer, shard=(0, 1)), mesh) as batches:
-        for _ in range(5):
-            next(batches)
-        with Checkpointer(tmp_path / "ckpt", best_metric=None) as checkpointer:
-            checkpointer.save(5, train_state, batches, config={"data": "anchor/sample"})
-            checkpointer.wait()
-        expected = [{k: np.asarray(v) for k, v in next(batches).items()} for _ in range(4)]
-    assert (tmp_path / "ckpt" / "5" / "data" / "process_0-of-1.json").is_file()
-
-    with GlobalBatches(make_iterator(cfg, tokenizer, shard=(0, 1)), mesh) as fresh:
-        with Checkpointer(tmp_path / "ckpt", best_metric=None) as checkpointer:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, train_state)
-            restored, _, step = checkpointer.restore_latest(abstract, fresh)
-        assert step == 5
-        np.testing.assert_array_equal(restored["w"], train_state["w"])
-        got = [{k: np.asarray(v) for k, v in next(fresh).items()} for _ in range(4)]
-    assert_same(got, expected)
-    assert set(got[0]) == {"images", "input_ids", "token_weights"}  # strings stay on the host
-    assert got[0]["images"].dtype == np.float32 and -1 <= got[0]["images"].min() < got[0]["images"].max() <= 1
+def test_global_position_is_the_same_on_any_number_of_hosts(data_dir, tokenizer):
+    """Global batch 8 as 2 hosts × 4 or 1 host × 8, resumed at global batch 3: the same records,
+    augmentations and time ids in the same order (an elastic restart reads on where it stopped)."""
+    two = [take(make_iterator(config(data_dir, batch_size=4, micro_conditioning=True), tokenizer,
+                              shard=(i, 2), start=3), 2) for i in range(2)]
+    one = take(make_iterator(config(data_dir, batch_size=8, micro_conditioning=True), tokenizer,
+                             shard=(0, 1), start=3), 2)
+    for step in range(2):
+        joined = {k: np.concatenate([two[0][step][k], two[1][step][k]]) for k in one[step]}
+        assert_same([joined], [one[step]])
 
 
 def test_global_batch_layout(data_dir, tokenizer):

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from test_checkpointing import _iterator, _state
+from test_checkpointing import _position, _state
 from test_train_loop import (
     ROOT,
     _command,
@@ -169,7 +169,7 @@ def test_every_checkpoint_unreadable_warns_starting_over(tmp_path, caplog):
 
     with Checkpointer(tmp_path, keep=3, best_metric=None) as ckpt:
         for step in (1, 2):
-            ckpt.save(step, _state(step), _iterator(step), {"step": step})
+            ckpt.save(step, _state(step), _position(step), {"step": step})
     for f in (tmp_path / "1" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size:
             f.write_bytes(b"\x00garbage")
@@ -177,7 +177,7 @@ def test_every_checkpoint_unreadable_warns_starting_over(tmp_path, caplog):
         if f.is_file() and f.stat().st_size:
             f.write_bytes(b"\x00garbage")
     with caplog.at_level(logging.WARNING, logger="safe_jax.train.checkpoints"), Checkpointer(tmp_path) as ckpt:
-        assert ckpt.restore_latest(_state(0), _iterator()) is None
+        assert ckpt.restore_latest(_state(0)) is None
     loud = [r for r in caplog.records if "starting over from step 0" in r.getMessage()]
     assert len(loud) == 1 and loud[0].levelno == logging.WARNING
     assert "unreadable-1-" in loud[0].getMessage() and "unreadable-2-" in loud[0].getMessage()

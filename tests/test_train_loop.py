@@ -1,6 +1,7 @@
 """The training loop end to end, as users run it (`python -m launch.train` in subprocesses):
-exact resume after kill -9, SIGTERM saves and exits, NaN halts before any checkpoint of it,
-and two processes × 4 devices equal one process × 8."""
+exact resume after kill -9, SIGTERM saves and exits, NaN halts before any checkpoint of it; and as
+pod users run it: two processes × 4 devices killed and resumed bitwise, restarted on one process of
+8 or 4 devices, a SIGTERM to one process and the death of one."""
 
 from __future__ import annotations
 
@@ -146,36 +147,108 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_of_four_devices_equal_one_of_eight(env, tmp_path):
-    common = ["--config.mode=full", "--config.reward.name=brightness", "--config.mesh.data=2", "--config.mesh.fsdp=4",
-              "--config.data.batch_size=8", "--config.steps=3", "--config.checkpoint.every=3",
-              "--config.checkpoint.best_metric=", "--config.export.enabled=true"]
-    one = _run(env, tmp_path / "one", *common, devices=8)
-    assert one.returncode == 0, one.stderr[-3000:]
+TWO = ["--config.mode=full", "--config.reward.name=brightness", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+       "--config.data.batch_size=8", "--config.checkpoint.best_metric=", "--config.checkpoint.keep=10"]
 
+
+def _start_two(env, workdir, *overrides, heartbeat=None):
+    """Two processes of 4 CPU devices each (jax.distributed, gloo on loopback)."""
     port = _free_port()
-    procs = [_start(env, tmp_path / "two", *common, devices=4,
-                    extra=[f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"])
-             for i in range(2)]
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=900)
-        assert proc.returncode == 0, stderr[-3000:]
+    extra = [f"--heartbeat_timeout={heartbeat}"] if heartbeat else []
+    return [_start(env, workdir, *TWO, *overrides, devices=4,
+                   extra=[f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}", *extra])
+            for i in range(2)]
 
-    a, b = _saved_state(tmp_path / "one", 3), _saved_state(tmp_path / "two", 3)
+
+def _finish(procs, timeout=900):
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, stderr[-3000:]
+        yield stderr
+
+
+def _params_rel(a: dict, b: dict) -> float:
     params = [k for k in a if k.startswith("['params']")]
     assert params and a.keys() == b.keys()
     flat = lambda d: np.concatenate([np.ravel(d[k]).astype(np.float64) for k in params])
-    rel = np.linalg.norm(flat(a) - flat(b)) / np.linalg.norm(flat(a))
-    assert rel <= 1e-6, rel
-    assert int(a["['step']"]) == int(b["['step']"]) == 3
-    mu = [k for k in a if k.startswith("['opt_state']") and "mu" in k]
-    assert mu and all(np.abs(a[k]).max() > 0 for k in mu)  # the updates were real
+    return float(np.linalg.norm(flat(a) - flat(b)) / np.linalg.norm(flat(a)))
 
-    # Both exported the same UNet (process 0 wrote the folder once the values were gathered).
+
+@pytest.mark.slow
+def test_two_processes_resume_after_kill_9_and_restart_on_other_meshes(env, tmp_path):
+    """2 processes × 4 devices, 6 steps. (1) kill -9 of both after the step-3 checkpoint, re-run:
+    bitwise the uninterrupted run. (2) Its step-3 checkpoint resumed on 1 process × 8 devices and on
+    1 × 4 (another mesh): within 1e-6 of it (the same global batches, other reduction orders), and
+    the 1 × 8 export equals the two-process one. (3) Another global batch is refused."""
+    import shutil
+
+    straight = tmp_path / "straight"
+    list(_finish(_start_two(env, straight, "--config.steps=6", "--config.checkpoint.every=3",
+                            "--config.export.enabled=true")))
+    a = _saved_state(straight, 6)
+    mu = [k for k in a if k.startswith("['opt_state']") and "mu" in k]
+    assert int(a["['step']"]) == 6 and mu and all(np.abs(a[k]).max() > 0 for k in mu)  # real updates
+
+    killed = tmp_path / "killed"
+    procs = _start_two(env, killed, "--config.steps=6", "--config.checkpoint.every=3")
+    _wait_for(lambda: (killed / "checkpoints" / "3").is_dir(), procs[0])
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    for proc in procs:
+        proc.wait(timeout=60)
+    assert not (killed / "checkpoints" / "6").exists()
+    stderr = list(_finish(_start_two(env, killed, "--config.steps=6", "--config.checkpoint.every=3")))
+    assert "resumed from" in stderr[0] and "at step 3" in stderr[0], stderr[0][-2000:]
+    b = _saved_state(killed, 6)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), f"{key} differs after kill -9 and resume"
+
+    for name, devices, mesh in (("eight", 8, "--config.mesh.data=2"), ("four", 4, "--config.mesh.data=1")):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        shutil.copytree(straight / "checkpoints" / "3", tmp_path / name / "checkpoints" / "3")
+        res = _run(env, tmp_path / name, *TWO, mesh, "--config.steps=6", "--config.checkpoint.every=3",
+                   f"--config.export.enabled={name == 'eight'}", devices=devices)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"at step 3 (1 process(es), {devices} device(s))" in res.stderr, res.stderr[-2000:]
+        assert _params_rel(a, _saved_state(tmp_path / name, 6)) <= 1e-6, name
+
+    # The 1 × 8 continuation exported the same UNet as the two processes (process 0 wrote it there).
     from safetensors.numpy import load_file
     file = "export/unet/diffusion_pytorch_model.safetensors"
-    ea, eb = load_file(str(tmp_path / "one" / file)), load_file(str(tmp_path / "two" / file))
+    ea, eb = load_file(str(straight / file)), load_file(str(tmp_path / "eight" / file))
     assert ea.keys() == eb.keys()
     diff = np.sqrt(sum(float(np.sum((ea[k] - eb[k]).astype(np.float64) ** 2)) for k in ea))
     norm = np.sqrt(sum(float(np.sum(ea[k].astype(np.float64) ** 2)) for k in ea))
     assert diff / norm <= 1e-6
+
+    res = _run(env, tmp_path / "four", *TWO, "--config.mesh.data=1", "--config.data.batch_size=4",
+               "--config.steps=9", devices=4)
+    assert res.returncode == 2 and "trained with a global batch of 8" in res.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_two_processes_sigterm_to_one_and_kill_9_of_one(env, tmp_path):
+    """SIGTERM to one process: both stop after the same step, one complete checkpoint, exit 0.
+    kill -9 of one: the other ends within the heartbeat timeout (no hang), naming the dead task.
+    Each time the same command resumes."""
+    procs = _start_two(env, tmp_path, "--config.steps=1000", "--config.checkpoint.every=1000", "--config.log_every=1")
+    _wait_for(lambda: len(_metrics(tmp_path)) >= 2 if (tmp_path / "metrics.jsonl").is_file() else False, procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    stderr = list(_finish(procs, timeout=300))
+    steps = [int(e.split("preempted at step ")[1].split(";")[0]) for e in stderr]
+    assert steps[0] == steps[1], stderr
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [steps[0]]
+
+    procs = _start_two(env, tmp_path, "--config.steps=1000", "--config.checkpoint.every=1000", "--config.log_every=1",
+                       heartbeat=5)
+    _wait_for(lambda: max(_metrics(tmp_path)) > steps[0] + 1, procs[0])
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    _, stderr = procs[0].communicate(timeout=120)
+    assert time.time() - killed_at < 60 and procs[0].returncode != 0
+    assert "another task died" in stderr and "resumed from" in stderr
+    procs[1].wait(timeout=60)
+
+    stderr = list(_finish(_start_two(env, tmp_path, f"--config.steps={steps[0] + 2}", "--config.log_every=1")))
+    assert f"at step {steps[0]} " in stderr[0] and f"finished at step {steps[0] + 2}" in stderr[0], stderr[0][-2000:]

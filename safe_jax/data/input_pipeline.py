@@ -73,7 +73,7 @@ def host_shard() -> tuple[int, int]:
 
 def make_dataset(config: InputConfig, tokenizer: Any, *, source: Any = None,
                  shard: tuple[int, int] | None = None,
-                 reward_text: Callable[[str], Mapping[str, Any]] | None = None) -> grain.IterDataset:
+                 reward_text: Callable[[str], Mapping[str, Any]] | None = None, start: int = 0) -> grain.IterDataset:
     """This host's batches as a grain IterDataset: dicts of ``images`` [B, R, R, 3] (uint8 0..255, or
     float32 [-1, 1] with ``image_dtype="float32"``), ``input_ids`` [B, 77] int32, ``token_weights``
     [B, 77] float32 and ``image_id`` [B] bytes, with ``micro_conditioning`` SDXL's ``time_ids``
@@ -83,6 +83,12 @@ def make_dataset(config: InputConfig, tokenizer: Any, *, source: Any = None,
 
     ``source`` defaults to ``data_source(config.name, config.split, config.data_dir)``; ``shard`` to
     ``(jax.process_index(), jax.process_count())``.
+
+    Everything is a pure function of the position in the global stream of per-host batches
+    (shuffle, epoch reseeding, augmentation), and host ``index`` of ``count`` reads positions
+    ``index, index + count, …``. ``start`` skips the first ``start`` global batches (``start ×
+    count`` per-host batches): resuming at a step is ``start=step``, whatever the number of
+    processes the earlier run had, as long as the global batch (per-host batch × processes) is the same.
     """
     if source is None:
         source = data_source(config.name, config.split, config.data_dir)
@@ -101,7 +107,9 @@ def make_dataset(config: InputConfig, tokenizer: Any, *, source: Any = None,
     ds = ds.map(TokenizeWithSubjects(tokenizer, config.subject_weight, config.subject_format, config.max_length,
                                      reward_text))
     ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder)
-    ds = ds[index::count]  # lazy: a host decodes only its own batches, augmentation keyed by global position
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise SafeJaxError(f"start must be a global batch index ≥ 0, got {start!r}")
+    ds = ds[start * count + index::count]  # lazy: a host decodes only its own batches, keyed by global position
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch))
     if config.worker_count > 0:
         _absl_flags_ready()

@@ -25,7 +25,6 @@ import functools
 import importlib
 import importlib.util
 import itertools
-import json
 import logging
 from typing import Any, Callable, Sequence
 
@@ -142,9 +141,9 @@ class StepBatches:
     is the step's own generator for choices made per batch (e.g. which text stands for a picture).
 
     The next ``prefetch`` batches are drawn in a background thread while the current step runs.
-    ``get_state`` / ``set_state`` / ``start_prefetch`` let the train Checkpointer store the
-    stream's identity next to the train state (grain's protocol for non-grain iterators): the
-    position itself is the state's step, so a restore only checks that the stream is the same.
+    ``record(step)`` is the data position the train Checkpointer stores beside the state: the step
+    itself is the position, so it also names the stream, and ``check`` on restore warns when the
+    stream changed.
     """
 
     def __init__(self, w: World, seed: int, batch_size: int,
@@ -154,7 +153,6 @@ class StepBatches:
                                f"got {seed}")
         self.world, self.seed, self.batch_size, self.assemble = w, seed, batch_size, assemble
         self.prefetch = max(int(prefetch), 0)
-        self.position = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="world") if self.prefetch else None
         self._pending: dict[int, concurrent.futures.Future] = {}
 
@@ -178,19 +176,16 @@ class StepBatches:
         return {"world": self.world.name, "image_size": self.world.image_size, "seed": self.seed,
                 "batch_size": self.batch_size}
 
-    def get_state(self) -> bytes:
-        return json.dumps({**self._identity(), "step": self.position}).encode()
+    def record(self, step: int) -> dict:
+        return {**self._identity(), "step": step}
 
-    def set_state(self, state: bytes) -> None:
-        saved = json.loads(state)
-        self.position = int(saved.pop("step", 0))
+    def check(self, saved: dict) -> None:
+        saved = dict(saved)
+        saved.pop("step", None)
         changed = {k: (saved.get(k), v) for k, v in self._identity().items() if saved.get(k) != v}
         if changed:
             log.warning("the data stream changed since the checkpoint (%s): the resumed run is not the same run",
                         ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changed.items()))
-
-    def start_prefetch(self) -> None:
-        pass
 
     def close(self) -> None:
         if self._pool is not None:

@@ -128,9 +128,10 @@ def _run(config: Any, task: Task, data: StepBatches, workdir: Path, export_dir: 
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, best_metric=None)
     try:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-        restored = ckpt.restore_latest(abstract, data)
+        restored = ckpt.restore_latest(abstract)
         if restored is not None:
             state = restored[0]
+            data.check(restored[2])
             log.info("resumed from %s at step %d", ckpt.directory, int(sharding.local_value(state.step)))
         start = int(sharding.local_value(state.step))
         t0 = time.perf_counter()
@@ -222,8 +223,7 @@ def _loop(config, task, data, step_fn, state, frozen, batch_sh, ckpt, writer, lr
                     if pending is not None:
                         record(*pending)
                         pending = None
-                    data.position = step
-                    ckpt.save(step, state, data, resolved)
+                    ckpt.save(step, state, data.record(step), resolved)
                 if stop:
                     status = preemption.status
                     log.warning("%s: saved step %d to %s; run the same command to resume", status, step,

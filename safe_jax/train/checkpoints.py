@@ -1,8 +1,10 @@
 """Training checkpoints: train state, data position and resolved config, saved together by orbax.
 
 A checkpoint holds everything a restart needs to continue bit for bit: the ``TrainState`` (params,
-optimizer state, EMA, step, RNG key), every host's input-iterator position (grain) and the config
-the run was resolved to. Saves are asynchronous (the device→host copy blocks, the writing does
+optimizer state, EMA, step, RNG key), the data position and the config the run was resolved to.
+The data position is global, not per host: the input pipeline is a pure function of the global
+batch index (``make_dataset(start=…)``), so the record says how many global batches of what size
+were read, and a run restored on another number of processes or devices reads on from there. Saves are asynchronous (the device→host copy blocks, the writing does
 not); orbax writes into a temporary folder and renames it when complete, so a crash mid-save leaves
 the previous checkpoint as the latest. Kept: the last ``keep`` checkpoints plus the best by a
 metric. A latest checkpoint that cannot be read is moved aside (not deleted) and the one before it
@@ -16,13 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from safe_jax.errors import SafeJaxError
+from safe_jax.io import storage
 from safe_jax.sharding import local_value
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,11 @@ class Checkpointer:
             raise SafeJaxError(f"checkpoint: keep must be ≥ 1, got {keep}")
         if best_mode not in ("min", "max"):
             raise SafeJaxError(f"checkpoint: best_mode must be min or max, got {best_mode!r}")
-        self.directory = Path(directory).absolute()
+        # gs://… (any epath URL) as is: orbax writes there through tensorstore and epath; on an
+        # object store the renames below are copies and deletes.
+        self.directory = storage.as_path(directory)
+        if not storage.is_remote(self.directory):
+            self.directory = self.directory.absolute()
         self.best_metric = best_metric
         keep_policies = [policies.LatestN(keep)]
         if best_metric:
@@ -72,36 +78,38 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any, config: dict, metrics: dict | None = None) -> None:
-        """Start an asynchronous save; a state holding NaN or Inf is refused (nothing is written)."""
+    def save(self, step: int, state: Any, data: dict, config: dict, metrics: dict | None = None) -> None:
+        """Start an asynchronous save; a state holding NaN or Inf is refused (nothing is written).
+        ``data`` is the JSON data position (``{"batches": …, "global_batch": …}`` in training)."""
         if not all_finite(state):
             raise SafeJaxError(f"checkpoint: the train state at step {step} holds NaN or Inf; not saved")
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         if self.best_metric and not jnp.isfinite(metrics.get(self.best_metric, float("nan"))):
             metrics.pop(self.best_metric, None)  # a non-finite score must not win "best"
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                     DATA: grain.checkpoint.CheckpointSave(data_iterator),
+                                     DATA: ocp.args.JsonSave(data),
                                      CONFIG: ocp.args.JsonSave(config)})
         self._manager.save(step, args=args, metrics=metrics or None, force=True)
 
-    def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict, int] | None:
-        """(state, config, step) from the newest readable checkpoint, or None when there is none.
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, dict, int] | None:
+        """(state, config, data position, step) from the newest readable checkpoint, or None when
+        there is none.
 
-        ``abstract_state`` gives shapes, dtypes and shardings (``jax.ShapeDtypeStruct`` leaves);
-        ``data_iterator`` is moved to the saved position in place.
+        ``abstract_state`` gives shapes, dtypes and shardings (``jax.ShapeDtypeStruct`` leaves):
+        orbax restores into them whatever mesh the checkpoint was written from (an elastic restart).
         """
         self.wait()
         set_aside = []
         for step in sorted(self.steps, reverse=True):
             args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
-                                         DATA: grain.checkpoint.CheckpointRestore(data_iterator),
+                                         DATA: ocp.args.JsonRestore(),
                                          CONFIG: ocp.args.JsonRestore()})
             try:
                 restored = self._manager.restore(step, args=args)
             except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
                 set_aside.append(self._set_aside(step, e))
                 continue
-            return restored[STATE], dict(restored[CONFIG] or {}), step
+            return restored[STATE], dict(restored[CONFIG] or {}), dict(restored[DATA] or {}), step
         if set_aside:
             log.warning("every checkpoint in %s is unreadable (moved aside to %s): starting over from step 0",
                         self.directory, ", ".join(p.name for p in set_aside))

@@ -12,10 +12,12 @@ and the export at the end. Every process runs this same function (multi-host: af
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ import numpy as np
 from safe_jax import sharding
 from safe_jax.data import GlobalBatches, InputConfig, data_source, make_iterator
 from safe_jax.errors import SafeJaxError
-from safe_jax.io import presets
+from safe_jax.io import presets, storage
 from safe_jax.sampling import schedulers
 from safe_jax.sampling.stable_diffusion import StableDiffusion
 from safe_jax.train import lora, rewards
@@ -60,8 +62,8 @@ def train(config: Any) -> TrainResult:
     the last good checkpoint.
     """
     validate_config(config)
-    workdir = Path(config.workdir)
-    export_dir = Path(config.export.dir or workdir / "export") if config.export.enabled else None
+    workdir = storage.as_path(config.workdir)  # local, or gs:// (a pod's bucket)
+    export_dir = storage.as_path(config.export.dir or workdir / "export") if config.export.enabled else None
     finished = _finished_step(workdir / "checkpoints", config.steps, export_dir)
     if finished is not None:
         log.info("already finished at step %d; workdir %s", finished, workdir)
@@ -114,17 +116,33 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
     make_state = lambda p: train_step.init_state(p, tx, seed=config.seed, ema=use_ema)
     state_sh = sharding.shardings_for(jax.eval_shape(make_state, trainable), mesh)
     state = jax.jit(make_state, out_shardings=state_sh)(trainable)
-
-    # The input pipeline: every process reads its own part of each global batch.
     batch_size = _per_host_batch(config, mesh)
+    global_batch = batch_size * jax.process_count()
+
+    # Resume: the state restored into this run's shardings (on any mesh), the data read on from
+    # the same global batch; the checkpoint's number of processes and devices does not matter.
+    resolved = json.loads(config.to_json())
+    ckpt = resources.add("checkpointer", Checkpointer(
+        workdir / "checkpoints", keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric or None,
+        best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        state, saved_config, position, at = restored
+        _check_data_position(position, at, global_batch)
+        _warn_config_changes(saved_config, resolved)
+        log.info("resumed from %s at step %d (%d process(es), %d device(s))", ckpt.directory, at,
+                 jax.process_count(), mesh.size)
+    start = int(sharding.local_value(state.step))
+
+    # The input pipeline: every process reads its own part of each global batch, from `start` on.
     length = pipe.conditioner.max_length  # the text encoder's, not a constant
     input_cfg = InputConfig(**{**config.data, "batch_size": batch_size}, seed=config.seed, max_length=length,
                             subject_weight=step_cfg.subjects.weight, subject_format=step_cfg.subjects.format,
                             micro_conditioning=pipe.is_xl)  # SDXL: each image's size and crop as time ids
     data = resources.add("data", GlobalBatches(make_iterator(input_cfg, pipe.tokenizer, source=source,
-                                                             reward_text=reward_text), mesh))
+                                                             reward_text=reward_text, start=start), mesh))
 
-    global_batch = batch_size * jax.process_count()
     example = {"input_ids": jax.ShapeDtypeStruct((global_batch, length), jnp.int32),
                "token_weights": jax.ShapeDtypeStruct((global_batch, length), jnp.float32),
                "images": jax.ShapeDtypeStruct((global_batch, config.data.resolution, config.data.resolution, 3),
@@ -141,18 +159,6 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
     flops = compiled_flops(step_fn)
     peak = config.peak_tflops * 1e12 if config.peak_tflops else device_peak_flops()
-
-    resolved = json.loads(config.to_json())
-    ckpt = resources.add("checkpointer", Checkpointer(
-        workdir / "checkpoints", keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric or None,
-        best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-    restored = ckpt.restore_latest(abstract, data)
-    if restored is not None:
-        state, saved_config, at = restored
-        _warn_config_changes(saved_config, resolved)
-        log.info("resumed from %s at step %d", ckpt.directory, at)
-    start = int(sharding.local_value(state.step))
 
     writer = resources.add("writer", MetricWriter(workdir, resume_step=start))
     if jax.process_index() == 0:
@@ -177,7 +183,9 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
             if step % config.checkpoint.every == 0 or step == config.steps or stop:
                 monitor.record(*pending)  # every step up to here is known finite (or skipped) before a save
                 pending = None
-                ckpt.save(step, state, data, resolved, monitor.interval_means())
+                writer.flush()  # the metrics up to a checkpoint are never lost (on gs:// too)
+                ckpt.save(step, state, {"batches": step, "global_batch": global_batch}, resolved,
+                          monitor.interval_means())
             if sampler and (step % config.sample.every == 0 or step == config.steps):
                 sampler(step, state, frozen)
             if stop:
@@ -191,20 +199,25 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
 
 
 def export(pipe: StableDiffusion, params: dict, state: train_step.TrainState, frozen: dict, config: Any,
-           out_dir: Path) -> Path:
+           out_dir: Any) -> Any:
     """The trained model as a diffusers folder (LoRA merged into the UNet), plus the LoRA file.
-    Every process calls it (sharded values are gathered); process 0 writes."""
-    trained = sharding.host_copy(state.ema if config.export.use_ema and state.ema is not None else state.params)
-    base = sharding.host_copy(frozen["unet"]) if config.mode == "lora" else None  # a gather: every process
-    if config.mode == "lora":
-        lora.save_lora(trained, out_dir, scale=_lora_scale(config),
-                       dtype="float16" if config.export.dtype == "float16" else "float32")
+    Every process calls it (sharded values are gathered to process 0 only, a leaf at a time);
+    process 0 writes, into a local temporary folder first when ``out_dir`` is remote (gs://)."""
+    trained = sharding.host_copy_to_process_0(
+        state.ema if config.export.use_ema and state.ema is not None else state.params)
+    base = sharding.host_copy_to_process_0(frozen["unet"]) if config.mode == "lora" else None
     if jax.process_index() == 0:
-        if config.mode == "lora":
-            lora.export_merged(pipe, {**params, "unet": base}, trained, out_dir, _lora_scale(config),
-                               config.export.dtype)
-        else:
-            pipe.save_pretrained({**params, "unet": trained}, out_dir, dtype=config.export.dtype)
+        with contextlib.ExitStack() as stack:
+            local = Path(stack.enter_context(tempfile.TemporaryDirectory())) if storage.is_remote(out_dir) else out_dir
+            if config.mode == "lora":
+                lora.save_lora(trained, local, scale=_lora_scale(config),
+                               dtype="float16" if config.export.dtype == "float16" else "float32")
+                lora.export_merged(pipe, {**params, "unet": base}, trained, local, _lora_scale(config),
+                                   config.export.dtype)
+            else:
+                pipe.save_pretrained({**params, "unet": trained}, local, dtype=config.export.dtype)
+            if local != out_dir:
+                storage.upload_tree(local, out_dir)
         log.info("exported to %s", out_dir)
     if jax.process_count() > 1:  # every process returns once the folder is complete
         from jax.experimental import multihost_utils
@@ -215,6 +228,17 @@ def export(pipe: StableDiffusion, params: dict, state: train_step.TrainState, fr
 # --------------------------------------------------------------------------------------------
 # Host-side helpers
 # --------------------------------------------------------------------------------------------
+
+def _check_data_position(position: dict, step: int, global_batch: int) -> None:
+    """A resumed run must read the same global batches (on any number of processes and devices):
+    another global batch size would put the data elsewhere, so it is refused."""
+    if position.get("batches", step) != step:
+        raise SafeJaxError(f"checkpoint at step {step} records a data position of {position.get('batches')} batches")
+    saved = position.get("global_batch")
+    if saved is not None and saved != global_batch:
+        raise SafeJaxError(f"the checkpoint was trained with a global batch of {saved}, this run's is {global_batch}: "
+                           f"resume with --config.data.batch_size={saved} (any mesh that holds it)")
+
 
 def _open_data(config: Any) -> Any:
     """The data source ``config.data`` names; any failure to open it is bad input, named as such."""
@@ -233,15 +257,6 @@ def _load_model(config: Any) -> tuple[StableDiffusion, dict]:
         raise SafeJaxError(f"train: dtype must be float32, bfloat16, float16 or empty, got {config.dtype!r}")
     return StableDiffusion.from_pretrained(config.model, dtype=dtype, attention_impl=config.attention_impl or None,
                                            remat_policy=config.remat_policy or None)
-
-
-def trained_unet(trained: Any, frozen: dict, config: Any) -> Any:
-    """The UNet parameters as numpy on every process: ``trained`` (host values of the state's
-    params or EMA) itself, or merged into the frozen base UNet in LoRA mode."""
-    if config.mode != "lora":
-        return trained
-    merged = lora.merge(sharding.host_copy(frozen["unet"]), trained, _lora_scale(config))
-    return jax.tree.map(np.asarray, merged)
 
 
 def load_reward(config: Any) -> tuple[rewards.Reward, Any, Callable[[str], dict] | None]:
@@ -280,10 +295,12 @@ def _put(tree: Any, shardings: Any) -> Any:
 
 def _checkpoint_steps(directory: Path) -> list[int]:
     """The steps of the complete checkpoints in ``directory``, ascending, from the folder names
-    alone (orbax renames a checkpoint's temporary folder to its step once it is complete)."""
+    (orbax renames a checkpoint's temporary folder to its step once it is complete)."""
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    # (On an object store orbax writes the step's folder in place and marks it complete last.)
+    complete = (lambda p: (p / "commit_success.txt").exists()) if storage.is_remote(directory) else (lambda p: True)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir() and complete(p))
 
 
 def _finished_step(directory: Path, steps: int, export_dir: Path | None) -> int | None:
@@ -293,7 +310,8 @@ def _finished_step(directory: Path, steps: int, export_dir: Path | None) -> int 
     done = bool(found) and found[-1] == steps
     if done and export_dir is not None:
         index = export_dir / "model_index.json"  # save_pretrained writes it last
-        done = index.is_file() and index.stat().st_mtime >= (directory / str(steps)).stat().st_mtime
+        done = index.is_file() and (storage.is_remote(index)  # (object stores: no folder times to compare)
+                                    or index.stat().st_mtime >= (directory / str(steps)).stat().st_mtime)
     if jax.process_count() > 1:  # every process takes process 0's answer
         from jax.experimental import multihost_utils
         done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
@@ -416,12 +434,15 @@ class _Sampler:
         self.pipe, self.params, self.config, self.writer = pipe, params, config, writer
         self.prompts = list(config.sample.prompts)
         self.subjects = extract(self.prompts, backend="offline", progress=False)
-        self.dir = Path(config.workdir) / "samples"
+        self.dir = storage.as_path(config.workdir) / "samples"
 
     def __call__(self, step: int, state: train_step.TrainState, frozen: dict) -> None:
-        unet = trained_unet(sharding.host_copy(state.params), frozen, self.config)
+        trained = sharding.host_copy_to_process_0(state.params)
+        base = sharding.host_copy_to_process_0(frozen["unet"]) if self.config.mode == "lora" else None
         if jax.process_index() != 0:
             return
+        unet = trained if self.config.mode != "lora" else jax.tree.map(
+            np.asarray, lora.merge(base, trained, _lora_scale(self.config)))
         params = {**self.params, "unet": unet}
         s = self.config.sample
         kw = dict(num_steps=s.steps, guidance_scale=s.guidance, scheduler=s.scheduler, seed=self.config.seed)
@@ -432,7 +453,8 @@ class _Sampler:
         grid = np.concatenate([np.concatenate(list(plain), 1), np.concatenate(list(weighted), 1)], 0)
         self.dir.mkdir(parents=True, exist_ok=True)
         from PIL import Image
-        Image.fromarray(grid).save(self.dir / f"step_{step:07d}.png")
+        with (self.dir / f"step_{step:07d}.png").open("wb") as f:
+            Image.fromarray(grid).save(f, format="PNG")
         self.writer.image(step, "samples/top_plain_bottom_subject_weighted", grid)
 
 

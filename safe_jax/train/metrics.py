@@ -7,6 +7,10 @@ per step however often the run was killed or fell back to an older checkpoint; T
 told to hide its events after that step as well. TensorBoard gets the same scalars plus sample
 image grids, through tensorboardX (no TensorFlow needed).
 
+``logdir`` may be remote (``gs://…``, see ``safe_jax.io.storage``): an object cannot be appended
+to, so there the JSONL is rewritten whole at most every 30 s and on ``flush``/``close`` (a crash
+loses the lines since), and the event file is rewritten on each TensorBoard flush.
+
 MFU is the step's FLOPs as XLA counts them in the compiled program, over the step time and the
 device's peak dense bf16 FLOP/s; a device not in ``PEAK_FLOPS`` (a CPU) gets no MFU unless a
 peak is given.
@@ -22,6 +26,8 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from safe_jax.io import storage
 
 # Peak dense bf16 FLOP/s per device, by a substring of ``device.device_kind`` (first match wins).
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
@@ -74,7 +80,7 @@ class MetricWriter:
     """
 
     def __init__(self, logdir: str | Path, enabled: bool | None = None, resume_step: int | None = None):
-        self.logdir = Path(logdir)
+        self.logdir = storage.as_path(logdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = self._jsonl = None
         if self.enabled:
@@ -85,9 +91,10 @@ class MetricWriter:
             if resume_step is not None:
                 truncate_jsonl(path, resume_step)
             purge = {} if resume_step is None else {"purge_step": int(resume_step) + 1}
-            self._tb = SummaryWriter(str(self.logdir / "tensorboard"), **purge)
-            torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-            self._jsonl = open(path, "a", encoding="utf-8")
+            self._tb = SummaryWriter(storage.tensorboard_logdir(self.logdir / "tensorboard"), **purge)
+            old = path.read_bytes() if path.is_file() else b""
+            torn = old and not old.endswith(b"\n")
+            self._jsonl = storage.open_append(path)
             if torn:  # a crash cut the last line: the resumed run starts on a line of its own
                 self._jsonl.write("\n")
 
@@ -115,6 +122,8 @@ class MetricWriter:
         if self.enabled:
             self._tb.flush()
             self._jsonl.flush()
+            if isinstance(self._jsonl, storage.RemoteAppender):
+                self._jsonl.sync()
 
     def close(self) -> None:
         if self.enabled:
@@ -127,11 +136,11 @@ def truncate_jsonl(path: str | Path, last_step: int) -> int:
     """Keep the lines of the metrics file ``path`` with ``step`` ≤ ``last_step`` (and lines without
     a step); drop the others and any line that is not JSON (a torn last line). The file is replaced
     atomically. Returns the number of lines dropped."""
-    path = Path(path)
+    path = storage.as_path(path)
     if not path.is_file():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
@@ -144,7 +153,9 @@ def truncate_jsonl(path: str | Path, last_step: int) -> int:
             dropped += 1
         else:
             kept.append(line + "\n")
-    if dropped:
+    if dropped and storage.is_remote(path):  # an object is replaced whole anyway
+        path.write_text("".join(kept), encoding="utf-8")
+    elif dropped:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, path)

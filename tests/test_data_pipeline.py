@@ -14,7 +14,6 @@ pytest.importorskip("grain")
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from safe_jax.data import (  # noqa: E402
-    GlobalBatches,
     InputConfig,
     data_sharding,
     data_source,

@@ -2,15 +2,15 @@
 # SAFE training on a Cloud TPU VM pod slice: the same command on every worker, started together.
 #
 #   launch/tpu/train_pod.sh TPU_NAME ZONE launch/configs/sd15_safe.py --config.model=/mnt/models/sd15 \
-#       --config.workdir=/mnt/shared/runs/sd15_safe
+#       --config.workdir=gs://BUCKET/runs/sd15_safe
 #
 # jax.distributed.initialize() finds the other workers through the TPU metadata, so no coordinator
 # flags are needed. The repository and the models must be on every worker at the same path (a
-# shared disk, or `gcloud ... scp --worker=all`); the workdir must be a filesystem path every
-# worker shares (Filestore/NFS, or a bucket mounted with gcsfuse), so that every worker writes its
-# part of each checkpoint into the same place. A maintenance
+# shared disk, or `gcloud ... scp --worker=all`); the workdir is a gs:// bucket path (orbax writes
+# every worker's part of each checkpoint there) or a filesystem every worker shares. A maintenance
 # event sends SIGTERM: the run saves at a step all workers agree on, and re-running this script
-# resumes it.
+# resumes it, on this slice or on one of another size (keep --config.data.batch_size, pick a
+# --config.mesh that fits the new slice).
 set -euo pipefail
 
 TPU_NAME=${1:?usage: train_pod.sh TPU_NAME ZONE CONFIG [--config.key=value ...]}

@@ -106,7 +106,14 @@ def gcs(tmp_path_factory):
                 mp.setenv(key, value)
             mp.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
             _use_core_gcsfs()
-            yield Emulator(url, BUCKET, env)
+            # etils decides once per process whether gs:// goes through TensorFlow's gfile (whose
+            # endpoint is fixed): a test that used epath earlier in this worker cached "yes".
+            from etils.epath import gpath
+            gpath._is_tf_installed.cache_clear()
+            try:
+                yield Emulator(url, BUCKET, env)
+            finally:
+                gpath._is_tf_installed.cache_clear()
     finally:
         proc.terminate()
         try:

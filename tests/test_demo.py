@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     """Every stage on the shipped tiny-anchor: 2 training steps, 2 held-out captions × 2 seeds, 3 sampler steps."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")

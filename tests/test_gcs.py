@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from test_checkpointing import _position, _state
 
 from safe_jax.io import storage
@@ -169,6 +170,7 @@ def _committed(gcs, folder, step: int) -> bool:
         return bool(json.loads(r.read()).get("items"))
 
 
+@pytest.mark.slow
 def test_training_run_on_gcs_is_killed_resumes_bitwise_and_exports_there(gcs, gcs_dir, tmp_path):
     """`launch.train` with a gs:// workdir: checkpoints, metrics, TensorBoard events, sample grids,
     the resolved config and the export all land in the bucket; kill -9 after a checkpoint and the

@@ -248,6 +248,7 @@ def test_sdxl_preset_has_diffusers_parameter_counts():
 
 
 # ------------------------------------------------------------------------------ SAFE fine-tuning, end to end
+@pytest.mark.slow
 def test_safe_fine_tune_of_an_sdxl_folder_exports_back_to_diffusers(tiny_xl_folder, tmp_path):
     """`safe-jax train` on a local SDXL folder with the SD 1.5 demo's command: LoRA, denoising then
     ReFL (DFE), subject-weighted. The merged export loads in StableDiffusionXLPipeline and draws our

@@ -341,3 +341,16 @@ def test_ctrl_c_saves_and_exits_0(env, tmp_path):
     assert step < 12
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [step] and max(_metrics(tmp_path)) == step
+
+
+def test_resuming_with_another_global_batch_is_refused():
+    """The data position is a number of global batches: another global batch size would read
+    other records, so a resume with one is refused in one line naming the fix."""
+    from safe_jax.train.loop import _check_data_position
+
+    _check_data_position({"batches": 3, "global_batch": 8}, 3, 8)  # any mesh or process count: fine
+    with pytest.raises(SafeJaxError, match=r"trained with a global batch of 8, this run's is 4: resume with "
+                                           r"--config.data.batch_size=8"):
+        _check_data_position({"batches": 3, "global_batch": 8}, 3, 4)
+    with pytest.raises(SafeJaxError, match="records a data position of 2 batches"):
+        _check_data_position({"batches": 2, "global_batch": 8}, 3, 8)

@@ -87,30 +87,31 @@ def _metrics(workdir: Path) -> dict[int, dict]:
     return {row["step"]: row for row in rows}  # a resumed run re-logs steps: the last line wins
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bitwise_equal_to_a_straight_run(env, tmp_path):
-    common = ["--config.steps=20", "--config.checkpoint.every=5", "--config.checkpoint.keep=10",
+    common = ["--config.steps=12", "--config.checkpoint.every=4", "--config.checkpoint.keep=10",
               "--config.checkpoint.best_metric="]
     straight = _run(env, tmp_path / "straight", *common)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed = tmp_path / "killed"
     proc = _start(env, killed, *common)
-    _wait_for(lambda: (killed / "checkpoints" / "10").is_dir(), proc)
+    _wait_for(lambda: (killed / "checkpoints" / "8").is_dir(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "checkpoints" / "20").exists()
+    assert not (killed / "checkpoints" / "12").exists()
 
     resumed = _run(env, killed, *common)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     at = int(resumed.stderr.split("at step ")[1].split()[0].rstrip(";")) if "resumed from" in resumed.stderr else -1
-    assert 10 <= at < 20, resumed.stderr[-2000:]
+    assert 8 <= at < 12, resumed.stderr[-2000:]
 
-    a, b = _saved_state(tmp_path / "straight", 20), _saved_state(killed, 20)
+    a, b = _saved_state(tmp_path / "straight", 12), _saved_state(killed, 12)
     assert a.keys() == b.keys() and any("opt_state" in k for k in a) and any("params" in k for k in a)
     for key in a:
         assert np.array_equal(a[key], b[key]), f"{key} differs after resume"
-    assert _metrics(tmp_path / "straight")[20]["loss"] == _metrics(killed)[20]["loss"]
+    assert _metrics(tmp_path / "straight")[12]["loss"] == _metrics(killed)[12]["loss"]
 
 
 def test_sigterm_saves_and_exits_cleanly(env, tmp_path):
@@ -147,8 +148,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# (A constant learning rate: the compiled step does not depend on config.steps, so every run of
+# these tests hits the compilation cache after the first.)
 TWO = ["--config.mode=full", "--config.reward.name=brightness", "--config.mesh.data=2", "--config.mesh.fsdp=4",
-       "--config.data.batch_size=8", "--config.checkpoint.best_metric=", "--config.checkpoint.keep=10"]
+       "--config.data.batch_size=8", "--config.checkpoint.best_metric=", "--config.checkpoint.keep=10",
+       "--config.optim.schedule=constant"]
 
 
 def _start_two(env, workdir, *overrides, heartbeat=None):
@@ -179,7 +183,7 @@ def test_two_processes_resume_after_kill_9_and_restart_on_other_meshes(env, tmp_
     """2 processes × 4 devices, 6 steps. (1) kill -9 of both after the step-3 checkpoint, re-run:
     bitwise the uninterrupted run. (2) Its step-3 checkpoint resumed on 1 process × 8 devices and on
     1 × 4 (another mesh): within 1e-6 of it (the same global batches, other reduction orders), and
-    the 1 × 8 export equals the two-process one. (3) Another global batch is refused."""
+    the 1 × 8 export equals the two-process one."""
     import shutil
 
     straight = tmp_path / "straight"
@@ -221,9 +225,6 @@ def test_two_processes_resume_after_kill_9_and_restart_on_other_meshes(env, tmp_
     norm = np.sqrt(sum(float(np.sum(ea[k].astype(np.float64) ** 2)) for k in ea))
     assert diff / norm <= 1e-6
 
-    res = _run(env, tmp_path / "four", *TWO, "--config.mesh.data=1", "--config.data.batch_size=4",
-               "--config.steps=9", devices=4)
-    assert res.returncode == 2 and "trained with a global batch of 8" in res.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

@@ -6,13 +6,6 @@ import numpy as np
 import pytest
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked slow (multi-process training runs, minutes each) first, so that with
-    ``-n 2`` the short ones fill the other worker meanwhile instead of the slow ones ending the
-    run alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def rel_l2(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))

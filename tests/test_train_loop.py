@@ -179,7 +179,14 @@ def _params_rel(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-def test_two_processes_resume_after_kill_9_and_restart_on_other_meshes(env, tmp_path):
+def test_two_processes_kill_sigterm_resume_and_restart_on_other_meshes(env, tmp_path):
+    """Pod runs, one scenario after the other (never two multi-process runs at once on the
+    machine): resume and restarts on other meshes, then a SIGTERM to one process and the death of one."""
+    _resume_after_kill_9_and_restart_on_other_meshes(env, tmp_path / "resume")
+    _sigterm_to_one_and_kill_9_of_one(env, tmp_path / "signals")
+
+
+def _resume_after_kill_9_and_restart_on_other_meshes(env, tmp_path):
     """2 processes × 4 devices, 6 steps. (1) kill -9 of both after the step-3 checkpoint, re-run:
     bitwise the uninterrupted run. (2) Its step-3 checkpoint resumed on 1 process × 8 devices and on
     1 × 4 (another mesh): within 1e-6 of it (the same global batches, other reduction orders), and
@@ -227,8 +234,7 @@ def test_two_processes_resume_after_kill_9_and_restart_on_other_meshes(env, tmp_
 
 
 
-@pytest.mark.slow
-def test_two_processes_sigterm_to_one_and_kill_9_of_one(env, tmp_path):
+def _sigterm_to_one_and_kill_9_of_one(env, tmp_path):
     """SIGTERM to one process: both stop after the same step, one complete checkpoint, exit 0.
     kill -9 of one: the other ends within the heartbeat timeout (no hang), naming the dead task.
     Each time the same command resumes."""

@@ -262,3 +262,39 @@ def _sigterm_to_one_and_kill_9_of_one(env, tmp_path):
 
     stderr = list(_finish(_start_two(env, tmp_path, f"--config.steps={steps[0] + 2}", "--config.log_every=1")))
     assert f"at step {steps[0]} " in stderr[0] and f"finished at step {steps[0] + 2}" in stderr[0], stderr[0][-2000:]
+
+
+def test_two_processes_of_four_devices_equal_one_of_eight(env, tmp_path):
+    common = ["--config.mode=full", "--config.reward.name=brightness", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+              "--config.data.batch_size=8", "--config.steps=3", "--config.checkpoint.every=3",
+              "--config.checkpoint.best_metric=", "--config.export.enabled=true"]
+    one = _run(env, tmp_path / "one", *common, devices=8)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    port = _free_port()
+    procs = [_start(env, tmp_path / "two", *common, devices=4,
+                    extra=[f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"])
+             for i in range(2)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr[-3000:]
+
+    a, b = _saved_state(tmp_path / "one", 3), _saved_state(tmp_path / "two", 3)
+    params = [k for k in a if k.startswith("['params']")]
+    assert params and a.keys() == b.keys()
+    flat = lambda d: np.concatenate([np.ravel(d[k]).astype(np.float64) for k in params])
+    rel = np.linalg.norm(flat(a) - flat(b)) / np.linalg.norm(flat(a))
+    assert rel <= 1e-6, rel
+    assert int(a["['step']"]) == int(b["['step']"]) == 3
+    mu = [k for k in a if k.startswith("['opt_state']") and "mu" in k]
+    assert mu and all(np.abs(a[k]).max() > 0 for k in mu)  # the updates were real
+
+    # Both exported the same UNet (process 0 wrote the folder once the values were gathered).
+    from safetensors.numpy import load_file
+    file = "export/unet/diffusion_pytorch_model.safetensors"
+    ea, eb = load_file(str(tmp_path / "one" / file)), load_file(str(tmp_path / "two" / file))
+    assert ea.keys() == eb.keys()
+    diff = np.sqrt(sum(float(np.sum((ea[k] - eb[k]).astype(np.float64) ** 2)) for k in ea))
+    norm = np.sqrt(sum(float(np.sum(ea[k].astype(np.float64) ** 2)) for k in ea))
+    assert diff / norm <= 1e-6
+

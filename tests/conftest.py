@@ -51,6 +51,17 @@ def assert_close_f32(ours, ref, ulps: int = 4, err_msg: str = "") -> None:
         )
 
 
+def _perturb(*modules) -> None:
+    """Torch's default init leaves norms at identity and biases near zero; perturb every tensor so
+    that a swapped scale/bias or a wrong transpose cannot hide."""
+    import torch
+
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+
+
 def torch_pipeline(preset: str = "tiny", prediction_type: str = "epsilon", seed: int = 0, **components):
     """A diffusers StableDiffusionPipeline with random weights and our preset's architecture
     (``components``, e.g. ``vae={...}``, replace the preset's configs)."""
@@ -69,12 +80,7 @@ def torch_pipeline(preset: str = "tiny", prediction_type: str = "epsilon", seed:
     unet = UNet2DConditionModel.from_config(UNetConfig.from_diffusers(spec["unet"]).to_diffusers())
     vae = AutoencoderKL.from_config(VAEConfig.from_diffusers(spec["vae"]).to_diffusers())
     text = CLIPTextModel(CLIPTextConfig(**clip_text.preset(spec["text_encoder"]).to_hf()))
-    # Torch's default init leaves norms at identity and biases near zero; perturb every tensor so
-    # that a swapped scale/bias or a wrong transpose cannot hide.
-    with torch.no_grad():
-        for module in (unet, vae, text):
-            for p in module.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+    _perturb(unet, vae, text)
     scheduler = DDIMScheduler.from_config(dict(spec["scheduler"], prediction_type=prediction_type))
     return StableDiffusionPipeline(
         unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer.tiny_tokenizer(),
@@ -111,10 +117,7 @@ def torch_xl_pipeline(preset: str = "tiny-xl", seed: int = 0, scheduler: str = "
     vae = AutoencoderKL.from_config(VAEConfig.from_diffusers(spec["vae"]).to_diffusers())
     text = CLIPTextModel(CLIPTextConfig(**clip_text.preset(spec["text_encoder"]).to_hf()))
     text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_text.preset(spec["text_encoder_2"]).to_hf()))
-    with torch.no_grad():
-        for module in (unet, vae, text, text_2):
-            for p in module.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+    _perturb(unet, vae, text, text_2)
     cls = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[scheduler]
     return StableDiffusionXLPipeline(
         unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), text_encoder_2=text_2.eval(),

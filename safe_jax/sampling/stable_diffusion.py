@@ -313,12 +313,9 @@ class StableDiffusion:
         conditioner_lib.check_weighting(weighting)
         tw = self.token_weights(prompts, subjects, subject_weight, subject_format, prompt_syntax)
         k = conditioner_lib.num_downweighted(tw.weights, weighting)
-        pooled_ids = self._pooled_ids(prompts, tw.ids, prompt_syntax)
+        pooled_ids = self.conditioner.pooled_token_ids(prompts, tw.ids, prompt_syntax)
         return self._encode_weighted(self.conditioner.text_params(params), jnp.asarray(tw.ids), jnp.asarray(tw.weights),
                                      weighting, k, jnp.asarray(pooled_ids))
-
-    def _pooled_ids(self, prompts: Sequence[str], ids: np.ndarray, prompt_syntax: str | None) -> np.ndarray:
-        return self.conditioner.pooled_token_ids(list(prompts), ids, prompt_syntax) if self.is_xl else ids
 
     @functools.partial(jax.jit, static_argnums=(0, 4, 5))
     def _encode_weighted(self, text_params: Params, ids: jax.Array, weights: jax.Array, weighting: str,
@@ -426,7 +423,7 @@ class StableDiffusion:
         padded = lambda x: np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
         batch = sharding.batch_sharding(mesh)
         cond_ids, cond_weights = (jax.device_put(padded(x), batch) for x in tw)
-        pooled_ids = jax.device_put(padded(self._pooled_ids(prompts, tw.ids, prompt_syntax)), batch)
+        pooled_ids = jax.device_put(padded(self.conditioner.pooled_token_ids(prompts, tw.ids, prompt_syntax)), batch)
         uncond = jax.device_put(padded(self.tokenize(negative_prompts)), batch)
         noise = jax.device_put(padded(noise), batch)
         time_ids = jax.device_put(padded(time_ids), batch)

@@ -92,6 +92,11 @@ class TextConditioner:
         """The part of a pipeline's parameter tree this conditioner reads."""
         return params["text_encoder"]
 
+    def pooled_token_ids(self, prompts: Sequence[str], ids: np.ndarray, syntax: str | None) -> np.ndarray:
+        """The ids a pooled embedding reads: ``ids`` (SD 1.x/2.x pools nothing; see
+        ``DualTextConditioner.pooled_token_ids``)."""
+        return ids
+
     # ------------------------------------------------------------------ host side
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         from safe_jax.text import tokenizer as tok

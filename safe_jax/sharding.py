@@ -239,6 +239,25 @@ def host_copy_to_process_0(tree: Any) -> Any:
     return jax.tree.unflatten(treedef, out) if keep else None
 
 
+def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+    """Block until every process of the run has called this with ``name``: a barrier of JAX's
+    distributed runtime (its coordination service), not a device collective.
+
+    Why: the first collective of a device group sets up its communicators, and on CPU clusters
+    (gloo) that set-up waits only 30 s for the other processes. Processes can reach their first
+    step minutes apart (one compiles while another hits the compilation cache; a busy host), so
+    they meet here first, with a long timeout. A process that died stops the others through the
+    runtime's heartbeat, as anywhere else."""
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp
+    try:
+        ocp.multihost.get_barrier_sync_fn()(key=f"safe_jax_{name}", timeout_ms=timeout_s * 1000)
+    except jax.errors.JaxRuntimeError as e:
+        raise SafeJaxError(f"process {jax.process_index()}: the other processes did not reach '{name}' "
+                           f"within {timeout_s} s ({str(e).splitlines()[0]})") from e
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over ``data`` × ``fsdp``; other dimensions whole."""
     return NamedSharding(mesh, logical_to_spec(("batch",), mesh))

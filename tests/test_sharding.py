@@ -215,3 +215,48 @@ def test_single_device_mesh_replicates_everything():
         shd.make_mesh(data=2, devices=jax.devices()[:1])
     with pytest.raises(SafeJaxError, match="no sharding rule"):
         shd.logical_to_spec(("nonsense",))
+
+
+BARRIER_WORKER = textwrap.dedent('''
+    import sys, time
+    import jax, numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    port, pid = sys.argv[1], int(sys.argv[2])
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout=120)
+    from safe_jax import sharding
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices())
+    x = jax.make_array_from_process_local_data(jax.NamedSharding(mesh, jax.P("data")), np.full(2, pid + 1.0))
+    total = jax.jit(lambda v: v.sum()).lower(x).compile()
+    if pid == 1:
+        time.sleep(40)  # a slow compile: past the 30 s that a device group's first collective waits (gloo)
+    sharding.wait_for_all_processes("slow_start")
+    print("sum", float(total(x)))  # the group's first collective
+    jax.distributed.shutdown()
+''')
+
+
+def test_processes_meet_at_the_barrier_before_a_first_collective(tmp_path):
+    """A process 40 s late to the first step: its collectives still start together, because
+    every process first waits at the runtime's barrier (without it, process 0 fails after 30 s:
+    "Gloo context initialization failed: DEADLINE_EXCEEDED")."""
+    import socket
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(BARRIER_WORKER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    assert all("sum 6.0" in log for log in logs), logs  # 2 × 1.0 + 2 × 2.0 over both processes

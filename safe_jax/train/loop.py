@@ -126,6 +126,7 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
         workdir / "checkpoints", keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric or None,
         best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    sharding.wait_for_all_processes("model_loaded")  # orbax's restore starts with collectives
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
         state, saved_config, position, at = restored
@@ -157,6 +158,7 @@ def _run(config: Any, workdir: Path, resources: "_Resources") -> tuple[Any, str,
     step_fn = train_step.compile_train_step(train_step.make_train_step(model, pipe.conditioner, step_cfg, tx, reward),
                                             state, frozen, example, mesh)
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+    sharding.wait_for_all_processes("train_step_compiled")  # the first step's collectives start together
     flops = compiled_flops(step_fn)
     peak = config.peak_tflops * 1e12 if config.peak_tflops else device_peak_flops()
 

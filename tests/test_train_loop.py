@@ -1,7 +1,8 @@
 """The training loop end to end, as users run it (`python -m launch.train` in subprocesses):
-exact resume after kill -9, SIGTERM saves and exits, NaN halts before any checkpoint of it; and as
-pod users run it: two processes × 4 devices killed and resumed bitwise, restarted on one process of
-8 or 4 devices, a SIGTERM to one process and the death of one."""
+SIGTERM saves and exits, NaN halts before any checkpoint of it; and as pod users run it: two
+processes × 4 devices killed and resumed bitwise, restarted on one process of 8 or 4 devices, a
+SIGTERM to one process and the death of one. (One process killed and resumed bitwise: in
+test_gcs.py, from a bucket.)"""
 
 from __future__ import annotations
 
@@ -115,33 +116,6 @@ def _metrics(workdir: Path) -> dict[int, dict]:
     return {row["step"]: row for row in rows}  # a resumed run re-logs steps: the last line wins
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_is_bitwise_equal_to_a_straight_run(env, tmp_path):
-    common = ["--config.steps=12", "--config.checkpoint.every=4", "--config.checkpoint.keep=10",
-              "--config.checkpoint.best_metric="]
-    straight = _run(env, tmp_path / "straight", *common)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    killed = tmp_path / "killed"
-    proc = _start(env, killed, *common)
-    _wait_for(lambda: (killed / "checkpoints" / "8").is_dir(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "checkpoints" / "12").exists()
-
-    resumed = _run(env, killed, *common)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    at = int(resumed.stderr.split("at step ")[1].split()[0].rstrip(";")) if "resumed from" in resumed.stderr else -1
-    assert 8 <= at < 12, resumed.stderr[-2000:]
-
-    a, b = _saved_state(tmp_path / "straight", 12), _saved_state(killed, 12)
-    assert a.keys() == b.keys() and any("opt_state" in k for k in a) and any("params" in k for k in a)
-    for key in a:
-        assert np.array_equal(a[key], b[key]), f"{key} differs after resume"
-    assert _metrics(tmp_path / "straight")[12]["loss"] == _metrics(killed)[12]["loss"]
-
-
 def test_sigterm_saves_and_exits_cleanly(env, tmp_path):
     proc = _start(env, tmp_path, "--config.steps=1000", "--config.checkpoint.every=1000")
     _wait_for(lambda: (tmp_path / "metrics.jsonl").is_file()
@@ -176,9 +150,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# (A constant learning rate: the compiled step does not depend on config.steps, so every run of
-# these tests hits the compilation cache after the first.)
-TWO = ["--config.mode=full", "--config.reward.name=brightness", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+# The full UNet, FSDP over 4 devices, data-parallel over 2; the denoising loss only (what the
+# multi-process tests check does not depend on the loss, and ReFL doubles the compile). A constant
+# learning rate: the state at a step does not depend on config.steps.
+TWO = ["--config.mode=full", "--config.loss.kind=denoising", "--config.mesh.data=2", "--config.mesh.fsdp=4",
        "--config.data.batch_size=8", "--config.checkpoint.best_metric=", "--config.checkpoint.keep=10",
        "--config.optim.schedule=constant"]
 

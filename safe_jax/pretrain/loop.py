@@ -139,7 +139,6 @@ def _run(config: Any, task: Task, data: StepBatches, workdir: Path, export_dir: 
         flops = compiled_flops(step_fn)
         log.info("%s train step compiled in %.1f s (%s GFLOP a step)", config.task, time.perf_counter() - t0,
                  f"{flops / 1e9:.1f}" if flops else "?")
-        sharding.wait_for_all_processes(f"{config.task}_step_compiled")  # the first step's collectives start together
         writer = MetricWriter(workdir, enabled=True, resume_step=start)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2))

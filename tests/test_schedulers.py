@@ -430,3 +430,22 @@ def test_clip_sample_in_a_scheduler_config_is_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="safe_jax.sampling.schedulers"):
         ScheduleConfig.from_diffusers({"_class_name": "DDIMScheduler", "clip_sample": True, "beta_schedule": "scaled_linear"})
     assert any("clip_sample=true is ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_sigma_options_we_do_not_implement_are_reported(caplog):
+    """Karras, exponential or continuous-time sigmas change diffusers' images: a warning each,
+    none for SDXL base's own config (the defaults)."""
+    import logging
+
+    from safe_jax.sampling.schedulers import ScheduleConfig
+
+    base = {"_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear", "use_karras_sigmas": False,
+            "timestep_type": "discrete", "sigma_min": None, "beta_schedule": "scaled_linear"}
+    with caplog.at_level(logging.WARNING, logger="safe_jax.sampling.schedulers"):
+        ScheduleConfig.from_diffusers(base)
+        assert not caplog.records
+        ScheduleConfig.from_diffusers({**base, "use_karras_sigmas": True, "interpolation_type": "log_linear",
+                                       "timestep_type": "continuous"})
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3 and "use_karras_sigmas=true is ignored" in said[0]
+    assert 'interpolation_type="log_linear" is ignored' in said[1] and "EulerDiscreteScheduler" in said[2]

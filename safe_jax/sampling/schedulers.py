@@ -45,6 +45,11 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# Sigma options of diffusers' Euler and DPM-Solver schedulers, with the defaults we follow.
+_SIGMA_OPTIONS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                  "interpolation_type": "linear", "timestep_type": "discrete", "sigma_min": None, "sigma_max": None}
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     """The training noise schedule (diffusers' scheduler_config.json), validated on construction
@@ -97,6 +102,12 @@ class ScheduleConfig:
                 logging.getLogger(__name__).warning(
                     "scheduler config: %s=true is ignored; our samplers never clip or threshold x0 (diffusers' "
                     "%s would, so its images can differ from ours)", key, cfg.get("_class_name", "scheduler"))
+        for key, default in _SIGMA_OPTIONS.items():  # samplers' own sigma options, which we do not implement
+            if cfg.get(key) is not None and cfg.get(key) != default:
+                logging.getLogger(__name__).warning(
+                    "scheduler config: %s=%s is ignored; our samplers use the training schedule's own sigmas "
+                    "(%s's would differ, and so would its images)", key, json.dumps(cfg[key]),
+                    cfg.get("_class_name", "diffusers' scheduler"))
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
 

@@ -114,7 +114,7 @@ def test_eval_end_to_end_resumes_without_redrawing(tmp_path, prompts_file, clip_
     # image is drawn and scored again.
     victim = out / "images" / "other-weighted" / "fire-3_1.png"
     victim.unlink()
-    (victim.parent / "fire-3_2.png.tmp").write_bytes(b"\x89PNG half")
+    (victim.parent / ".fire-3_2.png.4242-0a1b2c3d.tmp").write_bytes(b"\x89PNG half")  # as a killed writer leaves it
     assert run_eval(out, prompts_file, clip_dir) == 0
     err = capsys.readouterr().err
     assert "other-weighted: drawing 1 of 6 images (5 already there)" in err

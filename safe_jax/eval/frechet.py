@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 from scipy import linalg
 
 from safe_jax.errors import SafeJaxError
+from safe_jax.io import atomic
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +117,9 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats, meta: Mapping[str, 
     to ``path`` (.npz), atomically: a reader never sees a half-written cache."""
     path = Path(path)
     meta = _meta(meta, stats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=np.asarray(stats.mu, np.float64), sigma=np.asarray(stats.sigma, np.float64),
-                     n=np.int64(stats.n), meta=np.array(json.dumps({"format": _FORMAT, **meta}, sort_keys=True)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=np.asarray(stats.mu, np.float64), sigma=np.asarray(stats.sigma, np.float64),
+                 n=np.int64(stats.n), meta=np.array(json.dumps({"format": _FORMAT, **meta}, sort_keys=True)))
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 
 from safe_jax.errors import SafeJaxError
 from safe_jax.eval.prompts import EvalPrompt
+from safe_jax.io import atomic
 
 SUBJECT_MODES = ("none", "stored", "auto")
 
@@ -116,7 +116,7 @@ def pending_images(out: Path, row: Row, prompts: Sequence[EvalPrompt], seeds: Se
     """
     folder = out / "images" / row.name
     if folder.is_dir():
-        for stale in folder.glob("*.png.tmp"):
+        for stale in atomic.leftovers(folder):
             stale.unlink()
     todo = []
     for prompt in prompts:
@@ -143,10 +143,8 @@ def save_png(path: Path, image: np.ndarray, settings: dict[str, Any]) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.dumps(settings, ensure_ascii=False))
     info.add_text("Software", "safe-jax")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
 
 
 def draw_row(pipe: Any, params: Any, out: Path, row: Row, todo: Sequence[tuple[EvalPrompt, int]],

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from safe_jax.errors import SafeJaxError
+from safe_jax.io import atomic
 
 
 def file_sha1(path: Path) -> str:
@@ -92,24 +93,16 @@ class FeatureCache:
     def save(self) -> None:
         if not self._rows:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted(self._rows)
-        tmp = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(tmp, identity=np.array(self.identity), keys=np.array([k for k, _ in keys]),
-                 sha1=np.array([s for _, s in keys]), features=np.stack([self._rows[k] for k in keys]))
-        os.replace(tmp, self.path)
+        with atomic.replacing(self.path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, identity=np.array(self.identity), keys=np.array([k for k, _ in keys]),
+                     sha1=np.array([s for _, s in keys]), features=np.stack([self._rows[k] for k in keys]))
 
 
 def write_scores(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     """``scores.jsonl``: one line per image, replaced atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")

@@ -4,7 +4,6 @@ and random weights for a CLIP built without a folder."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,7 +12,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from safe_jax.errors import SafeJaxError
-from safe_jax.io import folders, presets
+from safe_jax.io import atomic, folders, presets
 from safe_jax.io.random_init import random_params
 from safe_jax.models.attention_ops import AttentionImpl
 from safe_jax.models.clip_vision import CLIPConfig, CLIPModel, abstract_params, from_hf_state_dict, to_hf_state_dict
@@ -50,7 +49,6 @@ def save_clip(model: CLIPModel, params: Mapping[str, Any], folder: str | Path, *
     folders.write_json(folder / "config.json", model.config.to_hf())
     # Not folders.save_state_dict: np.ascontiguousarray there makes the 0-d logit_scale [1].
     tensors = {key: np.array(value, dtype=target, order="C") for key, value in to_hf_state_dict(params).items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
+    with atomic.replacing(folder / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     return folder

@@ -7,7 +7,6 @@ which refuses pickled code. Nothing here ever downloads.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from safe_jax.errors import SafeJaxError
+from safe_jax.io import atomic
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
@@ -31,7 +31,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _weight_files(folder: Path, variant: str | None) -> list[Path]:
@@ -100,6 +100,5 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: Path, dtype: str = "f
     cast = lambda v: v.astype(np_dtype) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v
     # reshape: ascontiguousarray makes 0-d tensors (e.g. CLIP's logit_scale) 1-d.
     tensors = {k: np.ascontiguousarray(cast(v)).reshape(v.shape) for k, v in state.items()}
-    tmp = Path(str(path) + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})

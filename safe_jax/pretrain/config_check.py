@@ -10,154 +10,99 @@ the folders a UNet run starts from).
 
 from __future__ import annotations
 
-import difflib
-import math
-import numbers
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
+from safe_jax.config_fields import (
+    Check,
+    check_fields,
+    check_writable,
+    choice,
+    flatten,
+    integer,
+    integers,
+    number,
+    string,
+)
 from safe_jax.errors import SafeJaxError
 from safe_jax.pretrain.data import HELD_OUT_SEED
 from safe_jax.sampling import SAMPLERS
-from safe_jax.train.config_check import (
-    _check_writable,  # the workdir probe training uses
-)
 
-Check = Callable[[Any], "str | None"]  # None when the value is good, else what is wrong
-
-
-def _int(low: int = 0, high: int | None = None) -> Check:
-    def check(v: Any) -> str | None:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            return f"must be an integer, got {v!r}"
-        if v < low:
-            return f"must be ≥ {low}, got {v}"
-        if high is not None and v >= high:
-            return f"must be < {high}, got {v}"
-        return None
-    return check
-
-
-def _number(low: float = 0.0, high: float = math.inf, *, low_open: bool = False, high_open: bool = False,
-            optional: bool = False) -> Check:
-    def check(v: Any) -> str | None:
-        if v is None and optional:
-            return None
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            return f"must be a finite number{' or None' if optional else ''}, got {v!r}"
-        if v < low or (low_open and v == low):
-            return f"must be {'>' if low_open else '≥'} {low:g}, got {v:g}"
-        if v > high or (high_open and v == high):
-            return f"must be {'<' if high_open else '≤'} {high:g}, got {v:g}"
-        return None
-    return check
-
-
-def _ints(low: int = 1) -> Check:
-    def check(v: Any) -> str | None:
-        if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or not v or any(
-                isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < low for x in v):
-            return f"must be a non-empty list of integers ≥ {low}, got {v!r}"
-        return None
-    return check
-
-
-def _choice(*options: str) -> Check:
-    return lambda v: None if v in options else f"must be one of {', '.join(map(repr, options))}, got {v!r}"
-
-
-def _string(v: Any) -> str | None:
-    return None if isinstance(v, str) else f"must be a string, got {v!r}"
-
-
-def _nonempty(v: Any) -> str | None:
-    return None if isinstance(v, str) and v else f"must be a non-empty string, got {v!r}"
-
+_nonempty = string(nonempty=True)
 
 COMMON: dict[str, Check] = {
-    "task": _choice("vae", "clip", "unet"),
+    "task": choice("vae", "clip", "unet"),
     "workdir": _nonempty,
-    "seed": _int(0),
-    "steps": _int(1),
-    "data.seed": _int(0, HELD_OUT_SEED),
-    "data.image_size": _int(16),
-    "data.batch_size": _int(2),
-    "data.prefetch": _int(0),
-    "optim.lr": _number(low_open=True, high=1.0),
-    "optim.schedule": _choice("cosine", "constant"),
-    "optim.warmup_steps": _int(0),
-    "optim.weight_decay": _number(),
-    "optim.clip_norm": _number(),
-    "optim.b2": _number(high=1.0, low_open=True, high_open=True),
-    "optim.ema_decay": _number(high=1.0, high_open=True, optional=True),
-    "checkpoint.every": _int(1),
-    "checkpoint.keep": _int(1),
-    "log_every": _int(1),
-    "eval_every": _int(0),
-    "eval_examples": _int(2),
-    "export.dir": _string,
-    "export.dtype": _choice("float32", "float16", "bfloat16"),
+    "seed": integer(0),
+    "steps": integer(1),
+    "data.seed": integer(0, below=HELD_OUT_SEED),
+    "data.image_size": integer(16),
+    "data.batch_size": integer(2),
+    "data.prefetch": integer(0),
+    "optim.lr": number(0, 1, low_open=True),
+    "optim.schedule": choice("cosine", "constant"),
+    "optim.warmup_steps": integer(0),
+    "optim.weight_decay": number(0),
+    "optim.clip_norm": number(0),
+    "optim.b2": number(0, 1, low_open=True, high_open=True),
+    "optim.ema_decay": number(0, 1, high_open=True, optional=True),
+    "checkpoint.every": integer(1),
+    "checkpoint.keep": integer(1),
+    "log_every": integer(1),
+    "eval_every": integer(0),
+    "eval_examples": integer(2),
+    "export.dir": string(),
+    "export.dtype": choice("float32", "float16", "bfloat16"),
 }
 
 TASKS: dict[str, dict[str, Check]] = {
     "vae": {
-        "model.block_out_channels": _ints(),
-        "model.layers_per_block": _int(1),
-        "model.latent_channels": _int(1),
-        "model.norm_num_groups": _int(1),
-        "loss.kl_weight": _number(),
-        "loss.gradient_weight": _number(),
+        "model.block_out_channels": integers(),
+        "model.layers_per_block": integer(1),
+        "model.latent_channels": integer(1),
+        "model.norm_num_groups": integer(1),
+        "loss.kl_weight": number(0),
+        "loss.gradient_weight": number(0),
     },
     "clip": {
-        **{f"model.{tower}.{k}": _int(1) for tower in ("text", "vision")
+        **{f"model.{tower}.{k}": integer(1) for tower in ("text", "vision")
            for k in ("hidden_size", "layers", "heads", "mlp_size")},
-        "model.vision.patch_size": _int(1),
-        "model.projection_dim": _int(1),
-        "model.max_length": _int(8),
-        "loss.subject_prompt_rate": _number(high=1.0),
-        "vocab_examples": _int(1),
+        "model.vision.patch_size": integer(1),
+        "model.projection_dim": integer(1),
+        "model.max_length": integer(8),
+        "loss.subject_prompt_rate": number(0, 1),
+        "vocab_examples": integer(1),
     },
     "unet": {
         "vae": _nonempty,
         "text": _nonempty,
-        "model.block_out_channels": _ints(),
-        "model.layers_per_block": _int(1),
-        "model.attention_heads": _ints(),
-        "model.norm_num_groups": _int(1),
-        "loss.cond_dropout": _number(high=1.0, high_open=True),
-        "loss.min_snr_gamma": _number(low_open=True, optional=True),
-        "sample.count": _int(0),
-        "sample.steps": _int(1),
-        "sample.guidance": _number(),
-        "sample.scheduler": _choice(*SAMPLERS),
+        "model.block_out_channels": integers(),
+        "model.layers_per_block": integer(1),
+        "model.attention_heads": integers(),
+        "model.norm_num_groups": integer(1),
+        "loss.cond_dropout": number(0, 1, high_open=True),
+        "loss.min_snr_gamma": number(0, low_open=True, optional=True),
+        "sample.count": integer(0),
+        "sample.steps": integer(1),
+        "sample.guidance": number(0),
+        "sample.scheduler": choice(*SAMPLERS),
     },
 }
 
 
 def validate(config: Any) -> None:
     """Raise ``SafeJaxError`` naming the first bad field of ``config``."""
-    fields = _flatten(config)
+    fields = flatten(config)
     task = fields.get("task")
     problem = COMMON["task"](task)
     if problem:
         raise SafeJaxError(f"config.task {problem}")
-    spec = {**COMMON, **TASKS[task]}
-    for path in fields:
-        if path not in spec:
-            near = difflib.get_close_matches(path, list(spec), n=1)
-            raise SafeJaxError(f"config.{path} is not a field of a {task} config"
-                               + (f" (did you mean config.{near[0]}?)" if near else ""))
-    for path, check in spec.items():
-        if path not in fields:
-            raise SafeJaxError(f"config.{path} is missing (see launch/configs/world_{task}*.py)")
-        problem = check(fields[path])
-        if problem:
-            raise SafeJaxError(f"config.{path} {problem}")
+    check_fields(fields, {**COMMON, **TASKS[task]}, unknown=f"a field of a {task} config",
+                 defaults=f"launch/configs/world_{task}*.py")
     {"vae": _vae, "clip": _clip, "unet": _unet}[task](fields.get)
-    _check_writable("config.workdir", fields["workdir"])
+    check_writable("config.workdir", fields["workdir"])
     if fields["export.dir"]:
-        _check_writable("config.export.dir", fields["export.dir"])
-
+        check_writable("config.export.dir", fields["export.dir"])
 
 
 def _groups(c: Callable[[str], Any], channels: list[int]) -> None:
@@ -200,16 +145,3 @@ def _unet(c: Callable[[str], Any]) -> None:
             what = "an AutoencoderKL folder (the world_vae run's export)" if field == "vae" else \
                 "a CLIPModel folder (the world_clip_reward run's export)"
             raise SafeJaxError(f"config.{field}: {folder} is not {what}: no {needs}")
-
-
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    tree = config.to_dict() if hasattr(config, "to_dict") else config
-    if not isinstance(tree, Mapping):
-        raise SafeJaxError(f"config must be a ConfigDict or a mapping, got {type(config).__name__}")
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) or hasattr(value, "to_dict"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

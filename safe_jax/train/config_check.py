@@ -10,72 +10,24 @@ that the config lacks.
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
+from safe_jax.config_fields import (
+    Check,
+    boolean,
+    check_fields,
+    check_writable,
+    choice,
+    flatten,
+    integer,
+    number,
+    string,
+)
 from safe_jax.errors import SafeJaxError
-
-# A check returns None when the value is good, else what is wrong ("must be ≥ 1, got 0").
-Check = Callable[[Any], "str | None"]
-
-
-def _integer(low: int | None = None, multiple: int | None = None) -> Check:
-    def check(v: Any) -> str | None:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            return f"must be an integer, got {v!r}"
-        if low is not None and v < low:
-            return f"must be ≥ {low}, got {v}"
-        if multiple and v % multiple:
-            return f"must be a multiple of {multiple}, got {v}"
-        return None
-    return check
-
-
-def _number(low: float = -math.inf, high: float = math.inf, *, low_open: bool = False, high_open: bool = False,
-            optional: bool = False) -> Check:
-    """A finite real number in the interval (NaN and ±Inf refused); None too where ``optional``."""
-    def check(v: Any) -> str | None:
-        if v is None and optional:
-            return None
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            return f"must be a number{' or None' if optional else ''}, got {v!r}"
-        if not math.isfinite(v):
-            return f"must be a finite number, got {v}"
-        if v < low or (low_open and v == low):
-            return f"must be {'>' if low_open else '≥'} {low:g}, got {v:g}"
-        if v > high or (high_open and v == high):
-            return f"must be {'<' if high_open else '≤'} {high:g}, got {v:g}"
-        return None
-    return check
-
-
-def _choice(*options: str) -> Check:
-    def check(v: Any) -> str | None:
-        if v not in options:
-            return f"must be one of {', '.join(repr(o) for o in options)}, got {v!r}"
-        return None
-    return check
-
-
-def _boolean(v: Any) -> str | None:
-    return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
-
-
-def _string(nonempty: bool = False, optional: bool = False) -> Check:
-    def check(v: Any) -> str | None:
-        if v is None and optional:
-            return None
-        if not isinstance(v, str):
-            return f"must be a string{' or None' if optional else ''}, got {v!r}"
-        if nonempty and not v:
-            return "must not be empty"
-        return None
-    return check
 
 
 def _mesh_size(v: Any) -> str | None:
@@ -108,71 +60,71 @@ def _spec() -> dict[str, Check]:
     from safe_jax.train import rewards
 
     return {
-        "model": _string(nonempty=True),
-        "dtype": _choice("", "float32", "bfloat16", "float16"),
-        "attention_impl": _choice("", "xla", "cudnn"),
+        "model": string(nonempty=True),
+        "dtype": choice("", "float32", "bfloat16", "float16"),
+        "attention_impl": choice("", "xla", "cudnn"),
         "remat_policy": _remat_policy,
-        "workdir": _string(nonempty=True),
-        "seed": _integer(low=0),
-        "steps": _integer(low=1),
-        "mode": _choice("lora", "full"),
-        "lora_rank": _integer(low=1),
-        "lora_alpha": _number(0, low_open=True, optional=True),
-        "data.name": _string(nonempty=True),
-        "data.data_dir": _string(nonempty=True, optional=True),
-        "data.split": _string(nonempty=True),
-        "data.resolution": _integer(low=8, multiple=8),
-        "data.batch_size": _integer(low=1),
-        "data.crop": _choice(*CROPS),
-        "data.flip": _boolean,
-        "data.worker_count": _integer(low=0),
-        "data.read_threads": _integer(low=0),
-        "subjects.weight": _number(0, low_open=True),
-        "subjects.weighting": _choice(*METHODS),
-        "subjects.format": _choice(*FORMATS),
-        "subjects.max_downweighted": _integer(low=1),
+        "workdir": string(nonempty=True),
+        "seed": integer(low=0),
+        "steps": integer(low=1),
+        "mode": choice("lora", "full"),
+        "lora_rank": integer(low=1),
+        "lora_alpha": number(0, low_open=True, optional=True),
+        "data.name": string(nonempty=True),
+        "data.data_dir": string(nonempty=True, optional=True),
+        "data.split": string(nonempty=True),
+        "data.resolution": integer(low=8, multiple=8),
+        "data.batch_size": integer(low=1),
+        "data.crop": choice(*CROPS),
+        "data.flip": boolean,
+        "data.worker_count": integer(low=0),
+        "data.read_threads": integer(low=0),
+        "subjects.weight": number(0, low_open=True),
+        "subjects.weighting": choice(*METHODS),
+        "subjects.format": choice(*FORMATS),
+        "subjects.max_downweighted": integer(low=1),
         "mesh.data": _mesh_size,
         "mesh.fsdp": _mesh_size,
         "mesh.tensor": _mesh_size,
-        "loss.kind": _choice("denoising", "refl", "both"),
-        "loss.mix": _choice("alternate", "weighted"),
-        "loss.refl_weight": _number(0),
-        "loss.cond_dropout": _number(0, 1),
-        "loss.min_snr_gamma": _number(0, low_open=True, optional=True),
-        "loss.refl_steps": _integer(low=1),
-        "loss.refl_step_min": _integer(low=0),
-        "loss.refl_step_max": _integer(low=0),
-        "loss.refl_lambda": _number(),
-        "loss.refl_grad_scale": _number(0, low_open=True),
-        "reward.name": _choice(*rewards.available_rewards()),
-        "reward.clip": _string(nonempty=True),
-        "reward.alpha": _number(),
-        "reward.checkpoint": _string(),
-        "reward.arch": _string(),
-        "optim.lr": _number(0, low_open=True),
-        "optim.schedule": _choice("cosine", "constant"),
-        "optim.warmup_steps": _integer(low=0),
-        "optim.weight_decay": _number(0),
-        "optim.clip_norm": _number(0, optional=True),
-        "optim.accumulate": _integer(low=1),
-        "optim.ema_decay": _number(0, 1, high_open=True, optional=True),
-        "nan_policy": _choice("skip", "halt"),
-        "checkpoint.every": _integer(low=1),
-        "checkpoint.keep": _integer(low=1),
-        "checkpoint.best_metric": _string(),
-        "checkpoint.best_mode": _choice("min", "max"),
-        "checkpoint.async_save": _boolean,
-        "log_every": _integer(low=1),
-        "peak_tflops": _number(0, low_open=True, optional=True),
-        "sample.every": _integer(low=0),
+        "loss.kind": choice("denoising", "refl", "both"),
+        "loss.mix": choice("alternate", "weighted"),
+        "loss.refl_weight": number(0),
+        "loss.cond_dropout": number(0, 1),
+        "loss.min_snr_gamma": number(0, low_open=True, optional=True),
+        "loss.refl_steps": integer(low=1),
+        "loss.refl_step_min": integer(low=0),
+        "loss.refl_step_max": integer(low=0),
+        "loss.refl_lambda": number(),
+        "loss.refl_grad_scale": number(0, low_open=True),
+        "reward.name": choice(*rewards.available_rewards()),
+        "reward.clip": string(nonempty=True),
+        "reward.alpha": number(),
+        "reward.checkpoint": string(),
+        "reward.arch": string(),
+        "optim.lr": number(0, low_open=True),
+        "optim.schedule": choice("cosine", "constant"),
+        "optim.warmup_steps": integer(low=0),
+        "optim.weight_decay": number(0),
+        "optim.clip_norm": number(0, optional=True),
+        "optim.accumulate": integer(low=1),
+        "optim.ema_decay": number(0, 1, high_open=True, optional=True),
+        "nan_policy": choice("skip", "halt"),
+        "checkpoint.every": integer(low=1),
+        "checkpoint.keep": integer(low=1),
+        "checkpoint.best_metric": string(),
+        "checkpoint.best_mode": choice("min", "max"),
+        "checkpoint.async_save": boolean,
+        "log_every": integer(low=1),
+        "peak_tflops": number(0, low_open=True, optional=True),
+        "sample.every": integer(low=0),
         "sample.prompts": _prompts,
-        "sample.steps": _integer(low=1),
-        "sample.guidance": _number(),
-        "sample.scheduler": _choice(*SAMPLERS),
-        "export.enabled": _boolean,
-        "export.dir": _string(),
-        "export.dtype": _choice("float32", "float16", "bfloat16"),
-        "export.use_ema": _boolean,
+        "sample.steps": integer(low=1),
+        "sample.guidance": number(),
+        "sample.scheduler": choice(*SAMPLERS),
+        "export.enabled": boolean,
+        "export.dir": string(),
+        "export.dtype": choice("float32", "float16", "bfloat16"),
+        "export.use_ema": boolean,
     }
 
 
@@ -183,26 +135,15 @@ def validate_config(config: Any, *, devices: int | None = None, check_devices: b
     devices) and the batch size against the mesh and the number of processes; the launcher checks
     without them before JAX's distributed runtime is up.
     """
-    fields = _flatten(config)
-    spec = _spec()
-    for path in fields:
-        if path not in spec:
-            near = difflib.get_close_matches(path, list(spec), n=1)
-            hint = f" (did you mean config.{near[0]}?)" if near else ""
-            raise SafeJaxError(f"config.{path} is not a config field{hint}")
-    for path, check in spec.items():
-        if path not in fields:
-            raise SafeJaxError(f"config.{path} is missing (see launch/configs/base.py)")
-        problem = check(fields[path])
-        if problem:
-            raise SafeJaxError(f"config.{path} {problem}")
+    fields = flatten(config)
+    check_fields(fields, _spec())
     c = fields.get
     _cross_checks(c)
     if check_devices:
         _check_mesh(c, devices)
-    _check_writable("config.workdir", c("workdir"))
+    check_writable("config.workdir", c("workdir"))
     if c("export.enabled"):
-        _check_writable("config.export.dir" if c("export.dir") else "config.workdir (its export folder)",
+        check_writable("config.export.dir" if c("export.dir") else "config.workdir (its export folder)",
                         c("export.dir") or os.path.join(c("workdir"), "export"))
 
 
@@ -291,36 +232,3 @@ def _check_mesh(c: Callable[[str], Any], devices: int | None) -> None:
     if b % shards or b % processes:
         raise SafeJaxError(f"config.data.batch_size ({b}) must be a multiple of config.mesh.data × config.mesh.fsdp "
                            f"({shards}) and of the number of processes ({processes})")
-
-
-def _check_writable(field: str, path: str) -> None:
-    """A directory that exists and takes a new file, or that can be created: probed with a real
-    write (permission bits say nothing for root, nor for read-only or special filesystems)."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise SafeJaxError(f"{field}: {p} exists and is not a directory")
-    probe = p
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise SafeJaxError(f"{field}: cannot create {p}: {probe} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise SafeJaxError(f"{field}: cannot write to {p} (a test file in {probe} failed: {e.strerror})") from None
-
-
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """{"optim.lr": 1e-4, ...}: the leaves of a ConfigDict (placeholders resolved) or nested mapping."""
-    tree = config.to_dict() if hasattr(config, "to_dict") else config
-    if not isinstance(tree, Mapping):
-        raise SafeJaxError(f"config{'.' + prefix.rstrip('.') if prefix else ''} must be a ConfigDict or a mapping, "
-                           f"got {type(config).__name__}")
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) or hasattr(value, "to_dict"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from safe_jax.io import storage
+from safe_jax.io import atomic, storage
 
 # Peak dense bf16 FLOP/s per device, by a substring of ``device.device_kind`` (first match wins).
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
@@ -156,9 +155,7 @@ def truncate_jsonl(path: str | Path, last_step: int) -> int:
     if dropped and storage.is_remote(path):  # an object is replaced whole anyway
         path.write_text("".join(kept), encoding="utf-8")
     elif dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic.write_text(path, "".join(kept))
     return dropped
 
 

@@ -7,13 +7,12 @@ over it, so a crash never leaves a half-written line or a truncated file.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, TextIO
 
 from safe_jax.errors import SafeJaxError
+from safe_jax.io import atomic
 from safe_jax.text.subjects.extractor import Record, SubjectResult
 
 
@@ -71,16 +70,5 @@ def write_results(path: str | Path, results: Iterable[SubjectResult]) -> int:
     """Write atomically (temp file, fsync, rename); returns the number of lines."""
     if str(path) == "-":
         return _write_lines(sys.stdout, results)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            n = _write_lines(f, results)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return n
+    with atomic.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        return _write_lines(f, results)

@@ -238,6 +238,19 @@ def test_ctrl_c_requests_a_save_and_a_second_one_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_sigterm_requests_a_save_and_the_handlers_are_put_back():
+    """One process: SIGTERM is handled as Ctrl-C is (test_ctrl_c_saves_and_exits_0 runs that end
+    to end), reported as a preemption. Several processes: the two-process test in test_train_loop."""
+    from safe_jax.train.loop import _Preemption
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with _Preemption() as preemption:
+        assert not preemption.requested(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.requested(2) and preemption.status == "preempted"
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_finished_step_needs_the_checkpoint_and_a_newer_export(tmp_path):
     from safe_jax.train.loop import _finished_step
 

@@ -121,12 +121,14 @@ SHARDED = textwrap.dedent("""
     from test_train_step import _setup, _step_fn
     from safe_jax import sharding
     from safe_jax.train import step as ts
-    preset = sys.argv[1]
-    cfg = ts.StepConfig(mode="full", loss="denoising", cond_dropout=0.0, ema_decay=None)
+    from safe_jax.train import rewards
+    preset, loss = sys.argv[1:3]
+    cfg = ts.StepConfig(mode="full", loss=loss, cond_dropout=0.0, ema_decay=None, refl_steps=4, refl_step_range=(1, 3))
+    reward = rewards.make_reward("brightness") if loss != "denoising" else None
     results = {}
     for name, mesh in (("one", sharding.make_mesh(devices=jax.devices()[:1])), ("2x4", sharding.make_mesh(data=2, fsdp=4))):
         pipe, tx, state, frozen, batch = _setup(cfg, batch_size=8, preset=preset)
-        step_fn = _step_fn(pipe, cfg, tx)
+        step_fn = _step_fn(pipe, cfg, tx, reward)
         compiled = ts.compile_train_step(step_fn, state, frozen, batch, mesh)
         state = jax.device_put(state, sharding.shardings_for(state, mesh))
         new, metrics = compiled(state, frozen, batch)
@@ -150,10 +152,12 @@ SHARDED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-xl"])
-def test_sharded_step_equals_single_device(preset):
+# ReFL (a rollout, the VAE decode and the reward inside the step) on SD; SDXL's added conditions
+# with the denoising loss (its loss-side code is SD's).
+@pytest.mark.parametrize("preset,loss", [("tiny", "refl"), ("tiny-xl", "denoising")])
+def test_sharded_step_equals_single_device(preset, loss):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", SHARDED, preset], env=env, capture_output=True, text=True, timeout=900,
+    res = subprocess.run([sys.executable, "-c", SHARDED, preset, loss], env=env, capture_output=True, text=True, timeout=900,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "REL" in res.stdout

@@ -1,8 +1,8 @@
-"""The training loop end to end, as users run it (`python -m launch.train` in subprocesses):
-NaN halts before any checkpoint of it; and as pod users run it: two
-processes × 4 devices killed and resumed bitwise, restarted on one process of 8 or 4 devices, a
-SIGTERM to one process and the death of one. (One process killed and resumed bitwise: in
-test_gcs.py, from a bucket.)"""
+"""The training loop end to end, as users run it (`python -m launch.train` in subprocesses): NaN
+halts before any checkpoint of it; and as pod users run it: two processes × 4 devices killed and
+resumed bitwise, restarted on one process of 8 or 4 devices, a SIGTERM to one process and the death
+of one. (One process killed and resumed bitwise: in test_gcs.py, from a bucket. Ctrl-C on one
+process: in test_train_errors.py.)"""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the compile; the loop with ReFL runs end to end in test_demo.py, its step on 8 devices in
 # test_train_step.py.
 SMALL = ["--config.data.resolution=32", "--config.data.batch_size=2", "--config.loss.kind=denoising",
-         "--config.sample.every=0",
-         "--config.export.enabled=false", "--config.log_every=5", "--config.optim.warmup_steps=0"]
+         "--config.sample.every=0", "--config.export.enabled=false", "--config.log_every=5",
+         "--config.optim.warmup_steps=0"]
 
 
 @pytest.fixture(scope="module")

@@ -144,7 +144,7 @@ def validate_config(config: Any, *, devices: int | None = None, check_devices: b
     check_writable("config.workdir", c("workdir"))
     if c("export.enabled"):
         check_writable("config.export.dir" if c("export.dir") else "config.workdir (its export folder)",
-                        c("export.dir") or os.path.join(c("workdir"), "export"))
+                       c("export.dir") or os.path.join(c("workdir"), "export"))
 
 
 def _cross_checks(c: Callable[[str], Any]) -> None:
